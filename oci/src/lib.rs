@@ -1,0 +1,310 @@
+//! tandem-oci: tandem's Linux container engine.
+//!
+//! In: an OCI bundle (`config.json` + rootfs) and a state root. Out: a running process.
+//! Synchronous, no tokio and no containerd types, so that the guest agent links the same engine.
+//!
+//! # Process model
+//! The engine never forks the (possibly multi-threaded) caller. [`Engine::create`] and
+//! [`Container::exec`] spawn `init_exe` (the caller's own binary, normally `/proc/self/exe`) with
+//! the single argument [`INIT_ARG`]; that fresh, single-threaded process must call [`init_main`]
+//! first thing in `main()`. It sets up namespaces, cgroups, rootfs and the process, reports the
+//! container process's pid (and pty master, for a terminal) back over a socketpair, and the
+//! container process waits for [`Container::start`] before it execs the user's program.
+//!
+//! Exit statuses are NOT collected by the engine: the container process is re-parented to the
+//! caller, which must be a child subreaper (`PR_SET_CHILD_SUBREAPER`) and reap with
+//! `waitpid(-1)`. The engine never relies on `waitpid` of its helper processes (it tolerates
+//! `ECHILD` when the caller's reaper got there first); success and errors come over the socket.
+//!
+//! # The contract (shared with the shim; change both sides together)
+//! ```ignore
+//! let engine = Engine::new(EngineConfig::new("/run/tandem/default", "/proc/self/exe"));
+//! let (container, spawned) = engine.create(CreateRequest { id, bundle, stdio })?; // process waits
+//! container.start()?;                                  // the user's program is exec'd now
+//! let exec = container.exec("exec-id", &process_spec, stdio)?; // extra process, same namespaces
+//! container.kill(libc::SIGTERM, /*all=*/ false)?;
+//! container.pause()?; container.resume()?;
+//! let stats = container.stats()?; container.update(&resources)?; let pids = container.pids()?;
+//! container.delete()?;                                 // kills leftovers, removes cgroups + state
+//! // after a crash of the caller: engine.load(id)?.delete()?
+//! ```
+
+// Module layout (one concern per file): error, spec (load + validate), state (on disk),
+// namespaces, rootfs, devices, capabilities, seccomp, rlimits, cgroups/{mod,v1,v2,hybrid},
+// process (spawn + sync channel), init (the code run in the re-executed child), tty.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+pub use oci_spec::runtime::{LinuxResources, Process, Spec};
+
+/// Errors of the engine. Every message names the thing (path, id, field, value).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container {0}: already exists")]
+    Exists(String),
+    #[error("container {0}: not found")]
+    NotFound(String),
+    #[error("bundle {path}: {msg}")]
+    Bundle { path: PathBuf, msg: String },
+    #[error("config.json: invalid {field}: {msg}")]
+    Spec { field: String, msg: String },
+    #[error("cgroup {path}: {msg}")]
+    Cgroup { path: PathBuf, msg: String },
+    #[error("container {id}: {msg}")]
+    Container { id: String, msg: String },
+    /// An error reported by the container's init before the user's program was exec'd.
+    #[error("container init: {0}")]
+    Init(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where the engine keeps its state and what it re-executes.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Directory for on-disk container state, e.g. `/run/tandem/<namespace>`; one sub-directory
+    /// per container id.
+    pub state_root: PathBuf,
+    /// Binary re-executed with [`INIT_ARG`] to become the container's init (`/proc/self/exe`).
+    pub init_exe: PathBuf,
+    /// Root of the cgroup filesystems, normally `/sys/fs/cgroup` (a parameter so that unit tests
+    /// run against a fake tree).
+    pub cgroup_root: PathBuf,
+}
+
+impl EngineConfig {
+    pub fn new(state_root: impl Into<PathBuf>, init_exe: impl Into<PathBuf>) -> Self {
+        Self {
+            state_root: state_root.into(),
+            init_exe: init_exe.into(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
+}
+
+/// The file descriptors that become fds 0, 1, 2 of a container process. `None` means
+/// `/dev/null`. Ignored when the process asks for a terminal (`process.terminal`): then the
+/// engine makes a pty inside the container and returns its master in [`Spawned::console`].
+#[derive(Debug, Default)]
+pub struct Stdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// What a create or exec started.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Host pid of the container process (the one that will exec the user's program).
+    pub pid: i32,
+    /// The pty master, when the process asked for a terminal.
+    pub console: Option<OwnedFd>,
+}
+
+/// A request to create a container from a bundle.
+#[derive(Debug)]
+pub struct CreateRequest<'a> {
+    pub id: &'a str,
+    /// The bundle directory (holds `config.json`; `root.path` is resolved against it). The caller
+    /// has already mounted containerd's rootfs mounts at the root path.
+    pub bundle: &'a Path,
+    pub stdio: Stdio,
+}
+
+/// Status of a container as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Status {
+    /// Created, waiting for `start`.
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// Resource usage read from the container's cgroup(s). Fields the hierarchy does not provide
+/// are zero.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub cpu: CpuStats,
+    pub memory: MemoryStats,
+    pub pids: PidsStats,
+    pub hugetlb: Vec<HugetlbStats>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuStats {
+    pub usage_total_ns: u64,
+    pub usage_user_ns: u64,
+    pub usage_kernel_ns: u64,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_time_ns: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryStats {
+    pub usage_bytes: u64,
+    pub max_usage_bytes: u64,
+    pub limit_bytes: u64,
+    pub cache_bytes: u64,
+    pub rss_bytes: u64,
+    pub failcnt: u64,
+    pub oom_kills: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PidsStats {
+    pub current: u64,
+    pub limit: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HugetlbStats {
+    /// As in OCI `hugepageLimits`: "2MB", "1GB".
+    pub page_size: String,
+    pub usage_bytes: u64,
+    pub max_usage_bytes: u64,
+    pub failcnt: u64,
+}
+
+/// The container engine of one state root.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    config: EngineConfig,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Load and validate `config.json`, record state on disk (before making any host resource),
+    /// make the cgroup(s), spawn the init and return once the container process waits for
+    /// `start`. On any error everything made so far is undone and the error names what was wrong.
+    pub fn create(&self, req: CreateRequest<'_>) -> Result<(Container, Spawned)> {
+        let _ = req;
+        todo!()
+    }
+
+    /// A container from its on-disk state (after a restart of the caller).
+    pub fn load(&self, id: &str) -> Result<Container> {
+        let _ = id;
+        todo!()
+    }
+
+    /// Ids of the containers with state under the state root.
+    pub fn list(&self) -> Result<Vec<String>> {
+        todo!()
+    }
+}
+
+/// One container: its init process, namespaces, cgroup(s) and on-disk state.
+#[derive(Debug)]
+pub struct Container {
+    // private; the implementation decides
+    _private: (),
+}
+
+impl Container {
+    pub fn id(&self) -> &str {
+        todo!()
+    }
+
+    /// Host pid of the container's init process.
+    pub fn pid(&self) -> i32 {
+        todo!()
+    }
+
+    pub fn bundle(&self) -> &Path {
+        todo!()
+    }
+
+    /// The validated spec the container was created from.
+    pub fn spec(&self) -> &Spec {
+        todo!()
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        todo!()
+    }
+
+    /// Let the init process exec the user's program.
+    pub fn start(&self) -> Result<()> {
+        todo!()
+    }
+
+    /// Start another process in the container's namespaces and cgroup, with its own process
+    /// spec (args, env, cwd, user, capabilities, terminal, ...). It runs at once (no start step).
+    pub fn exec(&self, exec_id: &str, process: &Process, stdio: Stdio) -> Result<Spawned> {
+        let _ = (exec_id, process, stdio);
+        todo!()
+    }
+
+    /// Send `signal` to the init process, or to every process of the container when `all`.
+    pub fn kill(&self, signal: i32, all: bool) -> Result<()> {
+        let _ = (signal, all);
+        todo!()
+    }
+
+    /// Freeze every process of the container (freezer cgroup, v1 or v2).
+    pub fn pause(&self) -> Result<()> {
+        todo!()
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        todo!()
+    }
+
+    /// Host pids of every process of the container.
+    pub fn pids(&self) -> Result<Vec<i32>> {
+        todo!()
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        todo!()
+    }
+
+    /// Apply new resources (as kubelet's UpdateContainerResources sends them).
+    pub fn update(&self, resources: &LinuxResources) -> Result<()> {
+        let _ = resources;
+        todo!()
+    }
+
+    /// An fd that becomes readable when the container's cgroup sees an OOM kill (v1: an
+    /// eventfd registered through `cgroup.event_control`; v2: inotify on `memory.events`). After
+    /// it fires, [`Container::oom_kills`] tells whether the count went up.
+    pub fn oom_notifier(&self) -> Result<OwnedFd> {
+        todo!()
+    }
+
+    /// The OOM kill count of the container's memory cgroup.
+    pub fn oom_kills(&self) -> Result<u64> {
+        todo!()
+    }
+
+    /// SIGKILL whatever is left of the container, remove its cgroup(s) and its state. Idempotent:
+    /// works after a crash of the caller (from [`Engine::load`]) and on partly made containers.
+    pub fn delete(&self) -> Result<()> {
+        todo!()
+    }
+}
+
+/// The single argument with which `init_exe` is re-executed to become a container's init.
+pub const INIT_ARG: &str = "__tandem_init";
+
+/// Entry point of the re-executed binary. Call first thing in `main()` when
+/// `std::env::args().nth(1) == Some(INIT_ARG)`. Never returns.
+pub fn init_main() -> ! {
+    todo!("set up the container process, then exec")
+}
