@@ -33,6 +33,17 @@
 // namespaces, rootfs, devices, capabilities, seccomp, rlimits, cgroups/{mod,v1,v2,hybrid},
 // process (spawn + sync channel), init (the code run in the re-executed child), tty.
 
+mod capabilities;
+pub mod cgroups;
+mod container;
+mod init;
+mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spec;
+pub mod state;
+mod sync;
+
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
@@ -188,116 +199,15 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
-
-    /// Load and validate `config.json`, record state on disk (before making any host resource),
-    /// make the cgroup(s), spawn the init and return once the container process waits for
-    /// `start`. On any error everything made so far is undone and the error names what was wrong.
-    pub fn create(&self, req: CreateRequest<'_>) -> Result<(Container, Spawned)> {
-        let _ = req;
-        todo!()
-    }
-
-    /// A container from its on-disk state (after a restart of the caller).
-    pub fn load(&self, id: &str) -> Result<Container> {
-        let _ = id;
-        todo!()
-    }
-
-    /// Ids of the containers with state under the state root.
-    pub fn list(&self) -> Result<Vec<String>> {
-        todo!()
-    }
 }
 
 /// One container: its init process, namespaces, cgroup(s) and on-disk state.
 #[derive(Debug)]
 pub struct Container {
-    // private; the implementation decides
-    _private: (),
-}
-
-impl Container {
-    pub fn id(&self) -> &str {
-        todo!()
-    }
-
-    /// Host pid of the container's init process.
-    pub fn pid(&self) -> i32 {
-        todo!()
-    }
-
-    pub fn bundle(&self) -> &Path {
-        todo!()
-    }
-
-    /// The validated spec the container was created from.
-    pub fn spec(&self) -> &Spec {
-        todo!()
-    }
-
-    pub fn status(&self) -> Result<Status> {
-        todo!()
-    }
-
-    /// Let the init process exec the user's program.
-    pub fn start(&self) -> Result<()> {
-        todo!()
-    }
-
-    /// Start another process in the container's namespaces and cgroup, with its own process
-    /// spec (args, env, cwd, user, capabilities, terminal, ...). It runs at once (no start step).
-    pub fn exec(&self, exec_id: &str, process: &Process, stdio: Stdio) -> Result<Spawned> {
-        let _ = (exec_id, process, stdio);
-        todo!()
-    }
-
-    /// Send `signal` to the init process, or to every process of the container when `all`.
-    pub fn kill(&self, signal: i32, all: bool) -> Result<()> {
-        let _ = (signal, all);
-        todo!()
-    }
-
-    /// Freeze every process of the container (freezer cgroup, v1 or v2).
-    pub fn pause(&self) -> Result<()> {
-        todo!()
-    }
-
-    pub fn resume(&self) -> Result<()> {
-        todo!()
-    }
-
-    /// Host pids of every process of the container.
-    pub fn pids(&self) -> Result<Vec<i32>> {
-        todo!()
-    }
-
-    pub fn stats(&self) -> Result<Stats> {
-        todo!()
-    }
-
-    /// Apply new resources (as kubelet's UpdateContainerResources sends them).
-    pub fn update(&self, resources: &LinuxResources) -> Result<()> {
-        let _ = resources;
-        todo!()
-    }
-
-    /// An fd that becomes readable when the container's cgroup sees an OOM kill (v1: an
-    /// eventfd registered through `cgroup.event_control`; v2: inotify on `memory.events`). After
-    /// it fires, [`Container::oom_kills`] tells whether the count went up.
-    pub fn oom_notifier(&self) -> Result<OwnedFd> {
-        todo!()
-    }
-
-    /// The OOM kill count of the container's memory cgroup.
-    pub fn oom_kills(&self) -> Result<u64> {
-        todo!()
-    }
-
-    /// SIGKILL whatever is left of the container, remove its cgroup(s) and its state. Idempotent:
-    /// works after a crash of the caller (from [`Engine::load`]) and on partly made containers.
-    pub fn delete(&self) -> Result<()> {
-        todo!()
-    }
+    state: state::State,
+    dir: PathBuf,
+    cgroup: Option<cgroups::Cgroup>,
+    init_exe: PathBuf,
 }
 
 /// The single argument with which `init_exe` is re-executed to become a container's init.
@@ -306,5 +216,5 @@ pub const INIT_ARG: &str = "__tandem_init";
 /// Entry point of the re-executed binary. Call first thing in `main()` when
 /// `std::env::args().nth(1) == Some(INIT_ARG)`. Never returns.
 pub fn init_main() -> ! {
-    todo!("set up the container process, then exec")
+    init::main()
 }
