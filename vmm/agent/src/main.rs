@@ -1,1 +1,74 @@
-fn main() {}
+//! tandem-agent: /init of a tandem guest, or (with `--listen <socket>`) the same API served on a
+//! unix socket of the host, for tests and development.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tandem_agent::{guest, modules, port, reaper, server, PORT_NAME};
+
+/// Where the ttrpc server listens inside the guest; the port bridge connects to it.
+const GUEST_SOCKET: &str = "/run/tandem-agent.sock";
+const MODULES_ROOT: &str = "/lib/modules";
+const PORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    if let Err(e) = run(pid1) {
+        eprintln!("tandem-agent: fatal: {e:#}");
+        if pid1 {
+            // Exiting PID 1 panics the kernel: power off cleanly instead.
+            guest::power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let level = std::env::var("TANDEM_AGENT_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_ansi(false)
+        .init();
+}
+
+fn run(pid1: bool) -> anyhow::Result<()> {
+    reaper::block_signals()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if pid1 {
+        guest::mount_pseudo_filesystems().context("mount pseudo filesystems")?;
+        guest::attach_console().context("console")?;
+        init_logging();
+        let release = guest::kernel_release();
+        let dir = PathBuf::from(MODULES_ROOT).join(&release);
+        let loaded = modules::load_all(&dir).with_context(|| format!("load modules of {}", dir.display()))?;
+        tracing::info!(kernel = %release, modules = loaded.len(), "tandem-agent {} up", tandem_agent::AGENT_VERSION);
+        let reaper = reaper::Reaper::start()?;
+        let port_path = guest::wait_for_port(PORT_NAME, PORT_TIMEOUT)?;
+        let socket = PathBuf::from(GUEST_SOCKET);
+        let _server = server::start(&socket, server::Service::new(reaper, server::ShutdownMode::PowerOff))?;
+        tracing::info!(port = %port_path.display(), "serving the agent API");
+        port::bridge(&port_path, &socket)?;
+        bail!("port bridge ended")
+    }
+    match args.as_slice() {
+        [flag, socket] if flag == "--listen" => {
+            init_logging();
+            // Collect orphans of commands we run, as PID 1 would.
+            nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+            let reaper = reaper::Reaper::start()?;
+            let socket = PathBuf::from(socket);
+            let _server = server::start(&socket, server::Service::new(reaper, server::ShutdownMode::Exit))?;
+            tracing::info!(socket = %socket.display(), "serving the agent API");
+            loop {
+                std::thread::park();
+            }
+        }
+        _ => bail!("usage: tandem-agent --listen <unix socket path>   (as PID 1 it takes no arguments)"),
+    }
+}

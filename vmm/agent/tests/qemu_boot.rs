@@ -1,0 +1,105 @@
+//! Boot the real guest (Debian cloud kernel + initramfs with tandem-agent as /init) under QEMU
+//! TCG and talk to the agent over the virtio-serial port. Needs root-free QEMU but network access
+//! to a Debian mirror on the first run (build.sh downloads the kernel package).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tandem_agent::client::{AgentClient, Command};
+use tandem_agent::Error;
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn guest_boots_agent_answers_runs_command_and_powers_off() {
+    let guest = common::guest(false);
+    let _slot = common::qemu_slot();
+    let mut qemu = common::Qemu::start(&guest.kernel, &guest.initrd).expect("start qemu");
+    let pid = qemu.pid();
+    let client = AgentClient::connect(&qemu.socket, CALL_TIMEOUT).expect("connect agent socket");
+
+    let v = client
+        .version_within(BOOT_DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", qemu.console()));
+    let boot = qemu.started.elapsed();
+    eprintln!("agent answered {boot:?} after qemu start: {v:?}");
+    assert_eq!(v.kernel_release, guest.release);
+    assert!(v.kernel_release.starts_with("6.1.") && v.kernel_release.ends_with("-cloud-amd64"), "{v:?}");
+    let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
+    assert_ne!(v.kernel_release, host, "the agent must report the guest's kernel, not the host's");
+    assert_eq!(v.agent_version, tandem_agent::AGENT_VERSION);
+    client.ping(0x7a6e_6465_6d21).expect("ping");
+
+    let out = client
+        .run_command(&Command {
+            argv: vec!["/bin/busybox".into(), "cat".into(), "/proc/cpuinfo".into(), "/proc/modules".into()],
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .expect("run cat in the guest");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("processor\t: 0"), "{text}");
+    assert!(!text.contains("processor\t: 1"), "-smp 1 guest shows one CPU: {text}");
+    for m in ["virtio_console", "virtio_pci", "overlay", "erofs", "vmw_vsock_virtio_transport"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{m} "))), "module {m} not loaded:\n{text}");
+    }
+
+    // Exit status and stderr travel back; output beyond the bound is cut and flagged.
+    let out = client
+        .run_command(&Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo 0123456789; echo oops >&2; exit 7".into()],
+            max_output: 4,
+            ..Default::default()
+        })
+        .expect("run sh in the guest");
+    assert_eq!(out.exit_code, Some(7));
+    assert_eq!(out.stdout, b"0123");
+    assert!(out.stdout_truncated);
+    assert_eq!(out.stderr, b"oops");
+    assert!(out.stderr_truncated);
+
+    client.shutdown().expect("shutdown");
+    let status = qemu
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("qemu did not exit after Shutdown\nconsole:\n{}", qemu.console()));
+    assert!(status.success(), "qemu exit status {status}");
+    drop(qemu);
+    assert!(!common::pid_alive(pid));
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    let guest = common::guest(false);
+    let missing = std::path::Path::new("/nonexistent/vmlinuz-tandem");
+    let err = common::Qemu::start(missing, &guest.initrd).err().expect("must fail");
+    assert!(err.contains("/nonexistent/vmlinuz-tandem") && err.contains("kernel"), "{err}");
+    // And QEMU's own check, should the file vanish after ours: early exit with its message.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("vmlinuz-empty");
+    std::fs::write(&empty, b"").unwrap();
+    let _slot = common::qemu_slot();
+    let err = common::Qemu::start(&empty, &guest.initrd).err().expect("an empty kernel must fail");
+    assert!(err.contains("qemu exited early"), "{err}");
+}
+
+#[test]
+fn guest_without_agent_times_out_with_clear_error() {
+    let guest = common::guest(true);
+    let _slot = common::qemu_slot();
+    let qemu = common::Qemu::start(&guest.kernel, &guest.initrd).expect("start qemu");
+    let pid = qemu.pid();
+    let client = AgentClient::connect(&qemu.socket, CALL_TIMEOUT).expect("connect agent socket");
+    let started = Instant::now();
+    let wait = Duration::from_secs(8);
+    let err = client.version_within(wait).expect_err("no agent, no answer");
+    let took = started.elapsed();
+    assert!(matches!(err, Error::Timeout { call: "Version", .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&qemu.socket.display().to_string()) && msg.contains("no reply"), "{msg}");
+    assert!(took >= wait && took < wait + Duration::from_secs(3), "took {took:?}");
+    drop(qemu);
+    assert!(!common::pid_alive(pid), "qemu {pid} left behind");
+}
