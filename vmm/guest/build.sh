@@ -149,6 +149,8 @@ printf '%s\n' "${order[@]}" > "$stage/lib/modules/$krel/modules.load"
 
 initrd=$out/initramfs-$krel$suffix.cpio.gz
 tmpimg=$(mktemp "$out/.initrd.XXXXXX")
+# Fixed timestamps: same inputs, same bytes (so an unchanged image is not rewritten).
+find "$stage" -mindepth 1 -exec touch -h -d @0 {} +
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc --owner=0:0 --reproducible | gzip -n -6) > "$tmpimg"
 if [[ -f $initrd ]] && cmp -s "$tmpimg" "$initrd"; then

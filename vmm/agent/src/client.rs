@@ -58,7 +58,10 @@ fn check_string(path: &Path, call: &'static str, field: &str, s: &str) -> Result
         return Err(Error::InvalidReply {
             path: path.to_path_buf(),
             call,
-            msg: format!("{field} {:?} is empty, longer than {MAX_STRING} or has control characters", truncate(s)),
+            msg: format!(
+                "{field} {:?} is empty, longer than {MAX_STRING} or has control characters",
+                truncate(s)
+            ),
         });
     }
     Ok(())
@@ -95,7 +98,13 @@ impl AgentClient {
         ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64)
     }
 
-    fn map_err(&self, call: &'static str, timeout: Duration, started: Instant, e: ttrpc::Error) -> Error {
+    fn map_err(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+        started: Instant,
+        e: ttrpc::Error,
+    ) -> Error {
         match e {
             ttrpc::Error::RpcStatus(s) => Error::Rpc {
                 path: self.path.clone(),
@@ -129,7 +138,10 @@ impl AgentClient {
             return Err(Error::InvalidReply {
                 path: self.path.clone(),
                 call: "Version",
-                msg: format!("api_version {} (this host speaks {API_VERSION})", r.api_version),
+                msg: format!(
+                    "api_version {} (this host speaks {API_VERSION})",
+                    r.api_version
+                ),
             });
         }
         Ok(VersionInfo {
@@ -147,7 +159,13 @@ impl AgentClient {
         let started = Instant::now();
         let r = self
             .inner
-            .ping(Self::ctx(self.call_timeout), &proto::PingRequest { nonce, ..Default::default() })
+            .ping(
+                Self::ctx(self.call_timeout),
+                &proto::PingRequest {
+                    nonce,
+                    ..Default::default()
+                },
+            )
             .map_err(|e| self.map_err("Ping", self.call_timeout, started, e))?;
         if r.nonce != nonce {
             return Err(Error::InvalidReply {
@@ -161,8 +179,16 @@ impl AgentClient {
 
     /// Run a command in the guest (outside containers).
     pub fn run_command(&self, cmd: &Command) -> Result<CommandOutput> {
-        let max = if cmd.max_output == 0 { 64 * 1024 } else { cmd.max_output.min(MAX_OUTPUT) };
-        let guest_timeout = if cmd.timeout.is_zero() { Duration::from_secs(10) } else { cmd.timeout };
+        let max = if cmd.max_output == 0 {
+            64 * 1024
+        } else {
+            cmd.max_output.min(MAX_OUTPUT)
+        };
+        let guest_timeout = if cmd.timeout.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            cmd.timeout
+        };
         let rpc_timeout = guest_timeout + self.call_timeout;
         let req = proto::RunCommandRequest {
             argv: cmd.argv.clone(),
@@ -177,10 +203,17 @@ impl AgentClient {
             .inner
             .run_command(Self::ctx(rpc_timeout), &req)
             .map_err(|e| self.map_err("RunCommand", rpc_timeout, started, e))?;
-        let bad = |msg: String| Error::InvalidReply { path: self.path.clone(), call: "RunCommand", msg };
+        let bad = |msg: String| Error::InvalidReply {
+            path: self.path.clone(),
+            call: "RunCommand",
+            msg,
+        };
         for (name, data) in [("stdout", &r.stdout), ("stderr", &r.stderr)] {
             if data.len() > max as usize {
-                return Err(bad(format!("{name} of {} bytes, more than the {max} asked for", data.len())));
+                return Err(bad(format!(
+                    "{name} of {} bytes, more than the {max} asked for",
+                    data.len()
+                )));
             }
         }
         let (exit_code, signal) = match (r.exit_code, r.signal) {
@@ -203,10 +236,17 @@ impl AgentClient {
     /// the caller then waits for its VMM process to exit.
     pub fn shutdown(&self) -> Result<()> {
         let started = Instant::now();
-        match self.inner.shutdown(Self::ctx(self.call_timeout), &proto::ShutdownRequest::default()) {
+        match self.inner.shutdown(
+            Self::ctx(self.call_timeout),
+            &proto::ShutdownRequest::default(),
+        ) {
             Ok(_) => Ok(()),
-            Err(e @ ttrpc::Error::RpcStatus(_)) => Err(self.map_err("Shutdown", self.call_timeout, started, e)),
-            Err(e) if started.elapsed() >= self.call_timeout => Err(self.map_err("Shutdown", self.call_timeout, started, e)),
+            Err(e @ ttrpc::Error::RpcStatus(_)) => {
+                Err(self.map_err("Shutdown", self.call_timeout, started, e))
+            }
+            Err(e) if started.elapsed() >= self.call_timeout => {
+                Err(self.map_err("Shutdown", self.call_timeout, started, e))
+            }
             Err(e) => {
                 tracing::debug!("Shutdown: connection ended before the reply: {e}");
                 Ok(())
@@ -223,8 +263,13 @@ mod tests {
     fn strings_are_checked() {
         let p = Path::new("/run/x.sock");
         assert!(check_string(p, "Version", "kernel_release", "6.1.0-56-cloud-amd64").is_ok());
-        let e = check_string(p, "Version", "kernel_release", "").unwrap_err().to_string();
-        assert!(e.contains("/run/x.sock") && e.contains("kernel_release"), "{e}");
+        let e = check_string(p, "Version", "kernel_release", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/run/x.sock") && e.contains("kernel_release"),
+            "{e}"
+        );
         assert!(check_string(p, "Version", "v", &"x".repeat(MAX_STRING + 1)).is_err());
         assert!(check_string(p, "Version", "v", "a\u{1b}[2J").is_err());
     }

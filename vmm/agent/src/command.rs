@@ -63,14 +63,23 @@ pub fn run(reaper: &Reaper, spec: Spec) -> Result<Outcome, String> {
         return Err(format!("argv[0] {argv0:?} is not an absolute path"));
     }
     if spec.stdin.len() > MAX_STDIN {
-        return Err(format!("stdin of {} bytes exceeds {MAX_STDIN}", spec.stdin.len()));
+        return Err(format!(
+            "stdin of {} bytes exceeds {MAX_STDIN}",
+            spec.stdin.len()
+        ));
     }
     let timeout = spec.timeout.unwrap_or(DEFAULT_TIMEOUT).min(MAX_TIMEOUT);
-    let max = spec.max_output.unwrap_or(DEFAULT_MAX_OUTPUT).min(MAX_OUTPUT);
+    let max = spec
+        .max_output
+        .unwrap_or(DEFAULT_MAX_OUTPUT)
+        .min(MAX_OUTPUT);
     let mut cmd = Command::new(argv0);
     cmd.args(&spec.argv[1..])
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,8 +104,14 @@ pub fn run(reaper: &Reaper, spec: Spec) -> Result<Outcome, String> {
             let _ = s.write_all(&input);
         }
     });
-    let out = child.stdout.take().map(|s| std::thread::spawn(move || read_bounded(s, max)));
-    let err = child.stderr.take().map(|s| std::thread::spawn(move || read_bounded(s, max)));
+    let out = child
+        .stdout
+        .take()
+        .map(|s| std::thread::spawn(move || read_bounded(s, max)));
+    let err = child
+        .stderr
+        .take()
+        .map(|s| std::thread::spawn(move || read_bounded(s, max)));
     let mut timed_out = false;
     let exit = match reaper.wait(pid, timeout) {
         Some(exit) => exit,
@@ -114,8 +129,12 @@ pub fn run(reaper: &Reaper, spec: Spec) -> Result<Outcome, String> {
         }
     };
     let _ = writer.join();
-    let (stdout, stdout_truncated) = out.map(|t| t.join().unwrap_or_default()).unwrap_or_default();
-    let (stderr, stderr_truncated) = err.map(|t| t.join().unwrap_or_default()).unwrap_or_default();
+    let (stdout, stdout_truncated) = out
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
+    let (stderr, stderr_truncated) = err
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
     let (exit_code, signal) = match exit {
         Exit::Code(c) => (c, 0),
         Exit::Signal(s) => (-1, s),
@@ -148,7 +167,14 @@ mod tests {
     #[test]
     fn relative_argv0_is_refused() {
         let reaper = Reaper::default();
-        let err = run(&reaper, Spec { argv: vec!["sh".into()], ..Default::default() }).unwrap_err();
+        let err = run(
+            &reaper,
+            Spec {
+                argv: vec!["sh".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(err.contains("\"sh\""), "{err}");
         let err = run(&reaper, Spec::default()).unwrap_err();
         assert!(err.contains("argv is empty"), "{err}");

@@ -22,20 +22,70 @@ struct MountSpec {
 pub fn mount_pseudo_filesystems() -> Result<()> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let specs = [
-        MountSpec { source: "proc", target: "/proc", fstype: "proc", flags: nosuid_nodev_noexec, data: None },
-        MountSpec { source: "sysfs", target: "/sys", fstype: "sysfs", flags: nosuid_nodev_noexec, data: None },
-        MountSpec { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
-        MountSpec { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, data: Some("newinstance,ptmxmode=0666,mode=0620") },
-        MountSpec { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: nosuid_nodev_noexec, data: Some("mode=1777") },
-        MountSpec { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=0755") },
-        MountSpec { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data: Some("mode=1777") },
-        MountSpec { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: nosuid_nodev_noexec, data: None },
+        MountSpec {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        MountSpec {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
+        MountSpec {
+            source: "devtmpfs",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        MountSpec {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: Some("newinstance,ptmxmode=0666,mode=0620"),
+        },
+        MountSpec {
+            source: "shm",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: nosuid_nodev_noexec,
+            data: Some("mode=1777"),
+        },
+        MountSpec {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=0755"),
+        },
+        MountSpec {
+            source: "tmpfs",
+            target: "/tmp",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data: Some("mode=1777"),
+        },
+        MountSpec {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: nosuid_nodev_noexec,
+            data: None,
+        },
     ];
     for m in specs {
         std::fs::create_dir_all(m.target).map_err(io_err(format!("mkdir {}", m.target)))?;
-        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data).map_err(|e| Error::Io {
-            context: format!("mount {} on {}", m.fstype, m.target),
-            source: e.into(),
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data).map_err(|e| {
+            Error::Io {
+                context: format!("mount {} on {}", m.fstype, m.target),
+                source: e.into(),
+            }
         })?;
     }
     Ok(())
@@ -44,7 +94,13 @@ pub fn mount_pseudo_filesystems() -> Result<()> {
 /// Make fds 0, 1, 2 the console when the kernel could not give us one (the initramfs has no
 /// /dev/console node; devtmpfs has).
 pub fn attach_console() -> Result<()> {
-    let fd_ok = |fd: i32| nix::fcntl::fcntl(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, nix::fcntl::FcntlArg::F_GETFD).is_ok();
+    let fd_ok = |fd: i32| {
+        nix::fcntl::fcntl(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        )
+        .is_ok()
+    };
     if fd_ok(0) && fd_ok(1) && fd_ok(2) {
         return Ok(());
     }
@@ -55,7 +111,9 @@ pub fn attach_console() -> Result<()> {
         .map_err(io_err("open /dev/console"))?;
     for fd in 0..3 {
         if unsafe { libc::dup2(console.as_raw_fd(), fd) } < 0 {
-            return Err(io_err(format!("dup2 console to fd {fd}"))(std::io::Error::last_os_error()));
+            return Err(io_err(format!("dup2 console to fd {fd}"))(
+                std::io::Error::last_os_error(),
+            ));
         }
     }
     Ok(())
@@ -66,7 +124,9 @@ pub fn attach_console() -> Result<()> {
 pub fn find_port_in(sys: &Path, dev: &Path, name: &str) -> Option<PathBuf> {
     let dir = std::fs::read_dir(sys.join("class/virtio-ports")).ok()?;
     for entry in dir.flatten() {
-        let Ok(n) = std::fs::read_to_string(entry.path().join("name")) else { continue };
+        let Ok(n) = std::fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
         if n.trim_end_matches('\n') == name {
             return Some(dev.join(entry.file_name()));
         }
@@ -77,7 +137,10 @@ pub fn find_port_in(sys: &Path, dev: &Path, name: &str) -> Option<PathBuf> {
 /// Wait (event driven, on kernel uevents) until the port called `name` exists and its device
 /// node is there, at most `timeout`.
 pub fn wait_for_port(name: &str, timeout: Duration) -> Result<PathBuf> {
-    use nix::sys::socket::{bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+    use nix::sys::socket::{
+        bind, recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+        SockProtocol, SockType,
+    };
     let deadline = Instant::now() + timeout;
     // Subscribe before the first scan so that no event is missed between the two.
     let sock = socket(
@@ -87,7 +150,8 @@ pub fn wait_for_port(name: &str, timeout: Duration) -> Result<PathBuf> {
         SockProtocol::NetlinkKObjectUEvent,
     )
     .map_err(|e| io_err("uevent netlink socket")(e.into()))?;
-    bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1)).map_err(|e| io_err("bind uevent socket")(e.into()))?;
+    bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1))
+        .map_err(|e| io_err("bind uevent socket")(e.into()))?;
     let mut buf = vec![0u8; 8192];
     loop {
         if let Some(p) = find_port_in(Path::new("/sys"), Path::new("/dev"), name) {
@@ -103,8 +167,12 @@ pub fn wait_for_port(name: &str, timeout: Duration) -> Result<PathBuf> {
             });
         }
         let left = deadline - now;
-        let tv = nix::sys::time::TimeVal::new(left.as_secs() as i64, left.subsec_micros().max(1000) as i64);
-        setsockopt(&sock, sockopt::ReceiveTimeout, &tv).map_err(|e| io_err("SO_RCVTIMEO on uevent socket")(e.into()))?;
+        let tv = nix::sys::time::TimeVal::new(
+            left.as_secs() as i64,
+            left.subsec_micros().max(1000) as i64,
+        );
+        setsockopt(&sock, sockopt::ReceiveTimeout, &tv)
+            .map_err(|e| io_err("SO_RCVTIMEO on uevent socket")(e.into()))?;
         let _ = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty());
     }
 }
@@ -133,7 +201,11 @@ mod tests {
     fn finds_port_by_name() {
         let t = tempfile::tempdir().unwrap();
         let sys = t.path().join("sys");
-        for (port, name) in [("vport0p0", ""), ("vport1p1", "org.qemu.guest_agent.0"), ("vport1p2", "tandem.agent")] {
+        for (port, name) in [
+            ("vport0p0", ""),
+            ("vport1p1", "org.qemu.guest_agent.0"),
+            ("vport1p2", "tandem.agent"),
+        ] {
             let d = sys.join("class/virtio-ports").join(port);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("name"), format!("{name}\n")).unwrap();
@@ -143,7 +215,10 @@ mod tests {
             Some(PathBuf::from("/dev/vport1p2"))
         );
         assert_eq!(find_port_in(&sys, Path::new("/dev"), "other"), None);
-        assert_eq!(find_port_in(Path::new("/nonexistent"), Path::new("/dev"), "x"), None);
+        assert_eq!(
+            find_port_in(Path::new("/nonexistent"), Path::new("/dev"), "x"),
+            None
+        );
     }
 
     #[test]

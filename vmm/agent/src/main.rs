@@ -46,12 +46,16 @@ fn run(pid1: bool) -> anyhow::Result<()> {
         init_logging();
         let release = guest::kernel_release();
         let dir = PathBuf::from(MODULES_ROOT).join(&release);
-        let loaded = modules::load_all(&dir).with_context(|| format!("load modules of {}", dir.display()))?;
+        let loaded = modules::load_all(&dir)
+            .with_context(|| format!("load modules of {}", dir.display()))?;
         tracing::info!(kernel = %release, modules = loaded.len(), "tandem-agent {} up", tandem_agent::AGENT_VERSION);
         let reaper = reaper::Reaper::start()?;
         let port_path = guest::wait_for_port(PORT_NAME, PORT_TIMEOUT)?;
         let socket = PathBuf::from(GUEST_SOCKET);
-        let _server = server::start(&socket, server::Service::new(reaper, server::ShutdownMode::PowerOff))?;
+        let _server = server::start(
+            &socket,
+            server::Service::new(reaper, server::ShutdownMode::PowerOff),
+        )?;
         tracing::info!(port = %port_path.display(), "serving the agent API");
         port::bridge(&port_path, &socket)?;
         bail!("port bridge ended")
@@ -63,12 +67,17 @@ fn run(pid1: bool) -> anyhow::Result<()> {
             nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
             let reaper = reaper::Reaper::start()?;
             let socket = PathBuf::from(socket);
-            let _server = server::start(&socket, server::Service::new(reaper, server::ShutdownMode::Exit))?;
+            let _server = server::start(
+                &socket,
+                server::Service::new(reaper, server::ShutdownMode::Exit),
+            )?;
             tracing::info!(socket = %socket.display(), "serving the agent API");
             loop {
                 std::thread::park();
             }
         }
-        _ => bail!("usage: tandem-agent --listen <unix socket path>   (as PID 1 it takes no arguments)"),
+        _ => bail!(
+            "usage: tandem-agent --listen <unix socket path>   (as PID 1 it takes no arguments)"
+        ),
     }
 }

@@ -52,7 +52,8 @@ impl ModulesDep {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(format!("read {}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(io_err(format!("read {}", path.display())))?;
         Self::parse(&text, path)
     }
 
@@ -115,7 +116,8 @@ pub enum Loaded {
 
 /// Load one module file with `finit_module`. `EEXIST` (already loaded) is not an error.
 pub fn load_module(path: &Path) -> Result<Loaded> {
-    let file = std::fs::File::open(path).map_err(io_err(format!("open module {}", path.display())))?;
+    let file =
+        std::fs::File::open(path).map_err(io_err(format!("open module {}", path.display())))?;
     let params = c"";
     match nix::kmod::finit_module(&file, params, nix::kmod::ModuleInitFlags::empty()) {
         Ok(()) => Ok(Loaded::Loaded),
@@ -132,7 +134,8 @@ pub fn load_module(path: &Path) -> Result<Loaded> {
 pub fn load_all(dir: &Path) -> Result<Vec<PathBuf>> {
     let dep = ModulesDep::read(&dir.join("modules.dep"))?;
     let list_path = dir.join("modules.load");
-    let list = std::fs::read_to_string(&list_path).map_err(io_err(format!("read {}", list_path.display())))?;
+    let list = std::fs::read_to_string(&list_path)
+        .map_err(io_err(format!("read {}", list_path.display())))?;
     let mut loaded = Vec::new();
     for rel in dep.load_order(&parse_load_list(&list))? {
         let path = dir.join(&rel);
@@ -187,7 +190,10 @@ kernel/net/802/stp.ko:\n";
     #[test]
     fn unknown_module_is_named() {
         let err = dep().load_order(&["erofs".into()]).unwrap_err().to_string();
-        assert!(err.contains("erofs") && err.contains("not in modules.dep"), "{err}");
+        assert!(
+            err.contains("erofs") && err.contains("not in modules.dep"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -202,19 +208,29 @@ kernel/net/802/stp.ko:\n";
         let err = ModulesDep::parse("ok.ko:\nnonsense\n", Path::new("/x/modules.dep"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("/x/modules.dep") && err.contains("line 2"), "{err}");
-        let err = ModulesDep::parse("../evil.ko:\n", Path::new("m")).unwrap_err().to_string();
+        assert!(
+            err.contains("/x/modules.dep") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = ModulesDep::parse("../evil.ko:\n", Path::new("m"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad module path"), "{err}");
     }
 
     #[test]
     fn load_list_skips_comments() {
-        assert_eq!(parse_load_list("# x\nvirtio\n\nvmw-vsock\n"), vec!["virtio", "vmw_vsock"]);
+        assert_eq!(
+            parse_load_list("# x\nvirtio\n\nvmw-vsock\n"),
+            vec!["virtio", "vmw_vsock"]
+        );
     }
 
     #[test]
     fn missing_module_file_is_named() {
-        let err = load_module(Path::new("/nonexistent/x.ko")).unwrap_err().to_string();
+        let err = load_module(Path::new("/nonexistent/x.ko"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/x.ko"), "{err}");
     }
 }

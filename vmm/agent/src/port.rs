@@ -40,11 +40,18 @@ fn open_port(path: &Path) -> Result<File> {
         .map_err(io_err(format!("open {}", path.display())))?;
     // SAFETY: F_SETOWN with our pid on an fd we own.
     if unsafe { libc::fcntl(port.as_raw_fd(), libc::F_SETOWN, libc::getpid()) } < 0 {
-        return Err(port_err(path, format!("F_SETOWN: {}", std::io::Error::last_os_error())));
+        return Err(port_err(
+            path,
+            format!("F_SETOWN: {}", std::io::Error::last_os_error()),
+        ));
     }
-    let fl = OFlag::from_bits_truncate(fcntl(&port, FcntlArg::F_GETFL).map_err(|e| port_err(path, e))?);
-    fcntl(&port, FcntlArg::F_SETFL(fl | OFlag::O_ASYNC | OFlag::O_NONBLOCK))
-        .map_err(|e| port_err(path, format!("O_ASYNC: {e}")))?;
+    let fl =
+        OFlag::from_bits_truncate(fcntl(&port, FcntlArg::F_GETFL).map_err(|e| port_err(path, e))?);
+    fcntl(
+        &port,
+        FcntlArg::F_SETFL(fl | OFlag::O_ASYNC | OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| port_err(path, format!("O_ASYNC: {e}")))?;
     Ok(port)
 }
 
@@ -53,7 +60,10 @@ use std::os::unix::fs::OpenOptionsExt;
 fn wait_sigio() {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGIO);
-    let ts = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
     // SAFETY: valid set and timespec; a null siginfo pointer is allowed.
     unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
 }
@@ -127,7 +137,12 @@ pub fn bridge(port_path: &Path, server_socket: &Path) -> Result<()> {
                     Err(e) => return Err(port_err(port_path, format!("poll: {e}"))),
                 }
             }
-            Err(e) => return Err(port_err(port_path, format!("read (fd {}): {e}", port.as_raw_fd()))),
+            Err(e) => {
+                return Err(port_err(
+                    port_path,
+                    format!("read (fd {}): {e}", port.as_raw_fd()),
+                ))
+            }
         }
     }
 }

@@ -43,7 +43,11 @@ fn unimplemented<T>(verb: &str) -> ttrpc::Result<T> {
 }
 
 impl Agent for Service {
-    fn version(&self, _: &TtrpcContext, _: proto::VersionRequest) -> ttrpc::Result<proto::VersionResponse> {
+    fn version(
+        &self,
+        _: &TtrpcContext,
+        _: proto::VersionRequest,
+    ) -> ttrpc::Result<proto::VersionResponse> {
         Ok(proto::VersionResponse {
             agent_version: crate::AGENT_VERSION.to_string(),
             api_version: crate::API_VERSION,
@@ -52,8 +56,15 @@ impl Agent for Service {
         })
     }
 
-    fn ping(&self, _: &TtrpcContext, req: proto::PingRequest) -> ttrpc::Result<proto::PingResponse> {
-        Ok(proto::PingResponse { nonce: req.nonce, ..Default::default() })
+    fn ping(
+        &self,
+        _: &TtrpcContext,
+        req: proto::PingRequest,
+    ) -> ttrpc::Result<proto::PingResponse> {
+        Ok(proto::PingResponse {
+            nonce: req.nonce,
+            ..Default::default()
+        })
     }
 
     fn run_command(
@@ -69,7 +80,8 @@ impl Agent for Service {
             max_output: (req.max_output_bytes > 0).then_some(req.max_output_bytes as usize),
         };
         tracing::info!(argv = ?spec.argv, "RunCommand");
-        let o = command::run(&self.reaper, spec).map_err(|e| status(Code::INVALID_ARGUMENT, format!("RunCommand: {e}")))?;
+        let o = command::run(&self.reaper, spec)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("RunCommand: {e}")))?;
         Ok(proto::RunCommandResponse {
             exit_code: o.exit_code,
             signal: o.signal,
@@ -82,46 +94,102 @@ impl Agent for Service {
         })
     }
 
-    fn create_container(&self, _: &TtrpcContext, _: proto::CreateContainerRequest) -> ttrpc::Result<proto::CreateContainerResponse> {
+    fn create_container(
+        &self,
+        _: &TtrpcContext,
+        _: proto::CreateContainerRequest,
+    ) -> ttrpc::Result<proto::CreateContainerResponse> {
         unimplemented("CreateContainer")
     }
-    fn start_container(&self, _: &TtrpcContext, _: proto::ContainerRequest) -> ttrpc::Result<proto::StartContainerResponse> {
+    fn start_container(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ContainerRequest,
+    ) -> ttrpc::Result<proto::StartContainerResponse> {
         unimplemented("StartContainer")
     }
-    fn exec_process(&self, _: &TtrpcContext, _: proto::ExecProcessRequest) -> ttrpc::Result<proto::ExecProcessResponse> {
+    fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ExecProcessRequest,
+    ) -> ttrpc::Result<proto::ExecProcessResponse> {
         unimplemented("ExecProcess")
     }
-    fn signal_process(&self, _: &TtrpcContext, _: proto::SignalProcessRequest) -> ttrpc::Result<proto::Empty> {
+    fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        _: proto::SignalProcessRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("SignalProcess")
     }
-    fn wait_process(&self, _: &TtrpcContext, _: proto::ProcessRequest) -> ttrpc::Result<proto::WaitProcessResponse> {
+    fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ProcessRequest,
+    ) -> ttrpc::Result<proto::WaitProcessResponse> {
         unimplemented("WaitProcess")
     }
-    fn read_stdout(&self, _: &TtrpcContext, _: proto::ReadStreamRequest) -> ttrpc::Result<proto::ReadStreamResponse> {
+    fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ReadStreamRequest,
+    ) -> ttrpc::Result<proto::ReadStreamResponse> {
         unimplemented("ReadStdout")
     }
-    fn read_stderr(&self, _: &TtrpcContext, _: proto::ReadStreamRequest) -> ttrpc::Result<proto::ReadStreamResponse> {
+    fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ReadStreamRequest,
+    ) -> ttrpc::Result<proto::ReadStreamResponse> {
         unimplemented("ReadStderr")
     }
-    fn write_stdin(&self, _: &TtrpcContext, _: proto::WriteStdinRequest) -> ttrpc::Result<proto::WriteStdinResponse> {
+    fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        _: proto::WriteStdinRequest,
+    ) -> ttrpc::Result<proto::WriteStdinResponse> {
         unimplemented("WriteStdin")
     }
-    fn close_stdin(&self, _: &TtrpcContext, _: proto::ProcessRequest) -> ttrpc::Result<proto::Empty> {
+    fn close_stdin(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ProcessRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("CloseStdin")
     }
-    fn resize_pty(&self, _: &TtrpcContext, _: proto::ResizePtyRequest) -> ttrpc::Result<proto::Empty> {
+    fn resize_pty(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ResizePtyRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("ResizePty")
     }
-    fn stats(&self, _: &TtrpcContext, _: proto::ContainerRequest) -> ttrpc::Result<proto::StatsResponse> {
+    fn stats(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ContainerRequest,
+    ) -> ttrpc::Result<proto::StatsResponse> {
         unimplemented("Stats")
     }
-    fn pause_container(&self, _: &TtrpcContext, _: proto::ContainerRequest) -> ttrpc::Result<proto::Empty> {
+    fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ContainerRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("PauseContainer")
     }
-    fn resume_container(&self, _: &TtrpcContext, _: proto::ContainerRequest) -> ttrpc::Result<proto::Empty> {
+    fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ContainerRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("ResumeContainer")
     }
-    fn remove_container(&self, _: &TtrpcContext, _: proto::ContainerRequest) -> ttrpc::Result<proto::Empty> {
+    fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        _: proto::ContainerRequest,
+    ) -> ttrpc::Result<proto::Empty> {
         unimplemented("RemoveContainer")
     }
 
@@ -145,10 +213,14 @@ pub fn start(path: &std::path::Path, service: Service) -> crate::Result<ttrpc::S
     let methods = proto::create_agent(std::sync::Arc::new(service));
     let mut server = ttrpc::Server::new()
         .bind(&format!("unix://{}", path.display()))
-        .map_err(|e| crate::Error::Port { name: path.display().to_string(), msg: format!("ttrpc bind: {e}") })?
+        .map_err(|e| crate::Error::Port {
+            name: path.display().to_string(),
+            msg: format!("ttrpc bind: {e}"),
+        })?
         .register_service(methods);
-    server
-        .start()
-        .map_err(|e| crate::Error::Port { name: path.display().to_string(), msg: format!("ttrpc start: {e}") })?;
+    server.start().map_err(|e| crate::Error::Port {
+        name: path.display().to_string(),
+        msg: format!("ttrpc start: {e}"),
+    })?;
     Ok(server)
 }

@@ -36,7 +36,11 @@ fn start_agent() -> Agent {
         assert!(Instant::now() < deadline, "agent made no socket");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Agent { child, socket, _dir: dir }
+    Agent {
+        child,
+        socket,
+        _dir: dir,
+    }
 }
 
 fn connect(p: &Path) -> AgentClient {
@@ -48,14 +52,22 @@ fn version_ping_and_commands() {
     let agent = start_agent();
     let c = connect(&agent.socket);
     let v = c.version().unwrap();
-    let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
+    let host = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
     assert_eq!(v.kernel_release, host);
     assert_eq!(v.api_version, 1);
     c.ping(42).unwrap();
 
     let out = c
         .run_command(&Command {
-            argv: vec!["/bin/sh".into(), "-c".into(), "read x; echo \"got $x $FOO\"; echo e >&2; exit 3".into()],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "read x; echo \"got $x $FOO\"; echo e >&2; exit 3".into(),
+            ],
             env: vec!["FOO=bar".into()],
             stdin: b"hello\n".to_vec(),
             ..Default::default()
@@ -69,7 +81,11 @@ fn version_ping_and_commands() {
     // Output is bounded.
     let out = c
         .run_command(&Command {
-            argv: vec!["/bin/sh".into(), "-c".into(), "head -c 100000 /dev/zero".into()],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "head -c 100000 /dev/zero".into(),
+            ],
             max_output: 1000,
             ..Default::default()
         })
@@ -88,16 +104,29 @@ fn version_ping_and_commands() {
         .unwrap();
     assert!(out.timed_out);
     assert_eq!(out.signal, Some(libc::SIGKILL));
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Bad requests are refused with a message naming the problem.
     let err = c
-        .run_command(&Command { argv: vec!["sh".into()], ..Default::default() })
+        .run_command(&Command {
+            argv: vec!["sh".into()],
+            ..Default::default()
+        })
         .unwrap_err()
         .to_string();
-    assert!(err.contains("RunCommand") && err.contains("\"sh\""), "{err}");
+    assert!(
+        err.contains("RunCommand") && err.contains("\"sh\""),
+        "{err}"
+    );
     let err = c
-        .run_command(&Command { argv: vec!["/nonexistent/bin".into()], ..Default::default() })
+        .run_command(&Command {
+            argv: vec!["/nonexistent/bin".into()],
+            ..Default::default()
+        })
         .unwrap_err()
         .to_string();
     assert!(err.contains("/nonexistent/bin"), "{err}");
@@ -111,7 +140,10 @@ fn container_verbs_are_refused_as_unimplemented() {
         ttrpc::Client::connect(&format!("unix://{}", agent.socket.display())).unwrap(),
     );
     let err = raw
-        .create_container(ttrpc::context::with_timeout(5_000_000_000), &Default::default())
+        .create_container(
+            ttrpc::context::with_timeout(5_000_000_000),
+            &Default::default(),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("CreateContainer"), "{err}");
     // The connection still works afterwards.
@@ -129,7 +161,10 @@ fn shutdown_ends_the_agent() {
             assert!(s.success(), "{s}");
             break;
         }
-        assert!(Instant::now() < deadline, "agent still running after Shutdown");
+        assert!(
+            Instant::now() < deadline,
+            "agent still running after Shutdown"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -149,6 +184,15 @@ fn unanswered_socket_times_out_with_clear_error() {
     let started = Instant::now();
     let err = c.version().unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(matches!(err, Error::Timeout { call: "Version", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                call: "Version",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("silent.sock"), "{err}");
 }

@@ -26,31 +26,67 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
     let boot = qemu.started.elapsed();
     eprintln!("agent answered {boot:?} after qemu start: {v:?}");
     assert_eq!(v.kernel_release, guest.release);
-    assert!(v.kernel_release.starts_with("6.1.") && v.kernel_release.ends_with("-cloud-amd64"), "{v:?}");
-    let host = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
-    assert_ne!(v.kernel_release, host, "the agent must report the guest's kernel, not the host's");
+    assert!(
+        v.kernel_release.starts_with("6.1.") && v.kernel_release.ends_with("-cloud-amd64"),
+        "{v:?}"
+    );
+    let host = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    assert_ne!(
+        v.kernel_release, host,
+        "the agent must report the guest's kernel, not the host's"
+    );
     assert_eq!(v.agent_version, tandem_agent::AGENT_VERSION);
     client.ping(0x7a6e_6465_6d21).expect("ping");
 
     let out = client
         .run_command(&Command {
-            argv: vec!["/bin/busybox".into(), "cat".into(), "/proc/cpuinfo".into(), "/proc/modules".into()],
+            argv: vec![
+                "/bin/busybox".into(),
+                "cat".into(),
+                "/proc/cpuinfo".into(),
+                "/proc/modules".into(),
+            ],
             timeout: Duration::from_secs(10),
             ..Default::default()
         })
         .expect("run cat in the guest");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.exit_code, Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("processor\t: 0"), "{text}");
-    assert!(!text.contains("processor\t: 1"), "-smp 1 guest shows one CPU: {text}");
-    for m in ["virtio_console", "virtio_pci", "overlay", "erofs", "vmw_vsock_virtio_transport"] {
-        assert!(text.lines().any(|l| l.starts_with(&format!("{m} "))), "module {m} not loaded:\n{text}");
+    assert!(
+        !text.contains("processor\t: 1"),
+        "-smp 1 guest shows one CPU: {text}"
+    );
+    for m in [
+        "virtio_console",
+        "virtio_pci",
+        "overlay",
+        "erofs",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{m} "))),
+            "module {m} not loaded:\n{text}"
+        );
     }
 
     // Exit status and stderr travel back; output beyond the bound is cut and flagged.
     let out = client
         .run_command(&Command {
-            argv: vec!["/bin/sh".into(), "-c".into(), "echo 0123456789; echo oops >&2; exit 7".into()],
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo 0123456789; echo oops >&2; exit 7".into(),
+            ],
             max_output: 4,
             ..Default::default()
         })
@@ -62,9 +98,12 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
     assert!(out.stderr_truncated);
 
     client.shutdown().expect("shutdown");
-    let status = qemu
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("qemu did not exit after Shutdown\nconsole:\n{}", qemu.console()));
+    let status = qemu.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "qemu did not exit after Shutdown\nconsole:\n{}",
+            qemu.console()
+        )
+    });
     assert!(status.success(), "qemu exit status {status}");
     drop(qemu);
     assert!(!common::pid_alive(pid));
@@ -74,15 +113,33 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
 fn missing_kernel_is_a_clear_error() {
     let guest = common::guest(false);
     let missing = std::path::Path::new("/nonexistent/vmlinuz-tandem");
-    let err = common::Qemu::start(missing, &guest.initrd).err().expect("must fail");
-    assert!(err.contains("/nonexistent/vmlinuz-tandem") && err.contains("kernel"), "{err}");
-    // And QEMU's own check, should the file vanish after ours: early exit with its message.
+    let err = common::Qemu::start(missing, &guest.initrd)
+        .err()
+        .expect("must fail");
+    assert!(
+        err.contains("/nonexistent/vmlinuz-tandem") && err.contains("kernel"),
+        "{err}"
+    );
+    // QEMU's own check, for a kernel file it cannot load: it exits by itself, with an error
+    // naming the file, and the launcher reports it (early exit, or exit right after the socket).
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("vmlinuz-empty");
     std::fs::write(&empty, b"").unwrap();
     let _slot = common::qemu_slot();
-    let err = common::Qemu::start(&empty, &guest.initrd).err().expect("an empty kernel must fail");
-    assert!(err.contains("qemu exited early"), "{err}");
+    match common::Qemu::start(&empty, &guest.initrd) {
+        Err(err) => assert!(
+            err.contains("qemu exited early") && err.contains("vmlinuz-empty"),
+            "{err}"
+        ),
+        Ok(mut qemu) => {
+            let status = qemu
+                .wait_exit(Duration::from_secs(10))
+                .expect("qemu must exit by itself");
+            assert!(!status.success());
+            let stderr = qemu.stderr();
+            assert!(stderr.contains("vmlinuz-empty"), "{stderr}");
+        }
+    }
 }
 
 #[test]
@@ -94,12 +151,29 @@ fn guest_without_agent_times_out_with_clear_error() {
     let client = AgentClient::connect(&qemu.socket, CALL_TIMEOUT).expect("connect agent socket");
     let started = Instant::now();
     let wait = Duration::from_secs(8);
-    let err = client.version_within(wait).expect_err("no agent, no answer");
+    let err = client
+        .version_within(wait)
+        .expect_err("no agent, no answer");
     let took = started.elapsed();
-    assert!(matches!(err, Error::Timeout { call: "Version", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                call: "Version",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains(&qemu.socket.display().to_string()) && msg.contains("no reply"), "{msg}");
-    assert!(took >= wait && took < wait + Duration::from_secs(3), "took {took:?}");
+    assert!(
+        msg.contains(&qemu.socket.display().to_string()) && msg.contains("no reply"),
+        "{msg}"
+    );
+    assert!(
+        took >= wait && took < wait + Duration::from_secs(3),
+        "took {took:?}"
+    );
     drop(qemu);
     assert!(!common::pid_alive(pid), "qemu {pid} left behind");
 }

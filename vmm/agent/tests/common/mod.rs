@@ -15,7 +15,10 @@ pub struct Guest {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// Build (or reuse the cache of) the guest image; `no_agent` builds the variant without agent.
@@ -30,8 +33,16 @@ pub fn guest(no_agent: bool) -> Guest {
     if std::env::var_os("CARGO_TARGET_DIR").is_none() {
         cmd.env("CARGO_TARGET_DIR", repo_root().join("target-agent"));
     }
-    let out = cmd.stderr(Stdio::inherit()).output().expect("run vmm/guest/build.sh");
-    assert!(out.status.success(), "{} failed: {:?}", script.display(), out.status);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run vmm/guest/build.sh");
+    assert!(
+        out.status.success(),
+        "{} failed: {:?}",
+        script.display(),
+        out.status
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let get = |k: &str| {
         text.lines()
@@ -49,7 +60,9 @@ pub fn guest(no_agent: bool) -> Guest {
 /// One QEMU run at a time: TCG is CPU-heavy and the machine small.
 pub fn qemu_slot() -> std::sync::MutexGuard<'static, ()> {
     static SLOT: OnceLock<Mutex<()>> = OnceLock::new();
-    SLOT.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|p| p.into_inner())
+    SLOT.get_or_init(|| Mutex::new(()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 /// A QEMU process; killed and reaped on drop.
@@ -71,20 +84,51 @@ impl Qemu {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let socket = dir.path().join("agent.sock");
         let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1", "-nographic", "-no-reboot", "-nodefaults"])
-            .args(["-serial", &format!("file:{}", dir.path().join("console.log").display())])
-            .arg("-kernel").arg(kernel)
-            .arg("-initrd").arg(initrd)
+            .args([
+                "-accel",
+                "tcg",
+                "-M",
+                "q35",
+                "-m",
+                "512",
+                "-smp",
+                "1",
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+            ])
+            .args([
+                "-serial",
+                &format!("file:{}", dir.path().join("console.log").display()),
+            ])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .args(["-device", "virtio-serial-pci,id=vser0"])
-            .args(["-chardev", &format!("socket,path={},server=on,wait=off,id=agent", socket.display())])
-            .args(["-device", "virtserialport,bus=vser0.0,chardev=agent,name=tandem.agent"])
+            .args([
+                "-chardev",
+                &format!(
+                    "socket,path={},server=on,wait=off,id=agent",
+                    socket.display()
+                ),
+            ])
+            .args([
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=agent,name=tandem.agent",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawn qemu-system-x86_64: {e}"))?;
-        let mut q = Qemu { child: Some(child), socket, dir, started: Instant::now() };
+        let mut q = Qemu {
+            child: Some(child),
+            socket,
+            dir,
+            started: Instant::now(),
+        };
         // The socket exists once QEMU has set up its chardevs.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !q.socket.exists() {
@@ -92,7 +136,10 @@ impl Qemu {
                 return Err(format!("qemu exited early ({status}): {}", q.stderr()));
             }
             if Instant::now() > deadline {
-                return Err(format!("qemu made no socket {} within 10 s", q.socket.display()));
+                return Err(format!(
+                    "qemu made no socket {} within 10 s",
+                    q.socket.display()
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -104,7 +151,9 @@ impl Qemu {
     }
 
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Wait for QEMU to exit by itself, at most `timeout`.
