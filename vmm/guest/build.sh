@@ -78,7 +78,7 @@ if [[ $no_agent != 1 && -z $agent ]]; then
         CARGO_TARGET_DIR=$target_dir \
         RUSTFLAGS='-C target-feature=+crt-static' \
         LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-        cargo build -q --release --locked -p tandem-agent --bin tandem-agent --target $triple >&2) ||
+        cargo build -q --release -p tandem-agent --bin tandem-agent --target $triple >&2) ||
         die "cargo build of tandem-agent failed"
     agent=$target_dir/$triple/release/tandem-agent
 fi
@@ -127,7 +127,14 @@ if [[ $busybox == 1 || $no_agent == 1 ]]; then
 fi
 if [[ $no_agent == 1 ]]; then
     # A guest that boots but never answers on the agent port.
-    printf '#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nexec /bin/busybox sleep 3600\n' > "$stage/init"
+    # With tandem_poweroff=1 on the kernel command line it powers off at once instead (to time a
+    # bare boot to init).
+    cat > "$stage/init" <<'INIT'
+#!/bin/busybox sh
+[ "$tandem_poweroff" = 1 ] && exec /bin/busybox poweroff -f
+/bin/busybox mount -t proc proc /proc
+exec /bin/busybox sleep 3600
+INIT
     chmod 0755 "$stage/init"
 else
     install -m 0755 "$agent" "$stage/init"

@@ -24,6 +24,14 @@ fn main() {
     }
 }
 
+/// Seconds since boot, from /proc/uptime (for the boot-time breakdown on the console).
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn init_logging() {
     let level = std::env::var("TANDEM_AGENT_LOG")
         .ok()
@@ -46,9 +54,17 @@ fn run(pid1: bool) -> anyhow::Result<()> {
         init_logging();
         let release = guest::kernel_release();
         let dir = PathBuf::from(MODULES_ROOT).join(&release);
+        let t0 = uptime();
         let loaded = modules::load_all(&dir)
             .with_context(|| format!("load modules of {}", dir.display()))?;
-        tracing::info!(kernel = %release, modules = loaded.len(), "tandem-agent {} up", tandem_agent::AGENT_VERSION);
+        tracing::info!(
+            kernel = %release,
+            modules = loaded.len(),
+            uptime_at_init = %t0,
+            uptime_after_modules = %uptime(),
+            "tandem-agent {} up",
+            tandem_agent::AGENT_VERSION
+        );
         let reaper = reaper::Reaper::start()?;
         let port_path = guest::wait_for_port(PORT_NAME, PORT_TIMEOUT)?;
         let socket = PathBuf::from(GUEST_SOCKET);
@@ -56,7 +72,7 @@ fn run(pid1: bool) -> anyhow::Result<()> {
             &socket,
             server::Service::new(reaper, server::ShutdownMode::PowerOff),
         )?;
-        tracing::info!(port = %port_path.display(), "serving the agent API");
+        tracing::info!(port = %port_path.display(), uptime = %uptime(), "serving the agent API");
         port::bridge(&port_path, &socket)?;
         bail!("port bridge ended")
     }

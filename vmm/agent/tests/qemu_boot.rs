@@ -105,6 +105,7 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
         )
     });
     assert!(status.success(), "qemu exit status {status}");
+    eprintln!("guest console:\n{}", qemu.console());
     drop(qemu);
     assert!(!common::pid_alive(pid));
 }

@@ -76,6 +76,11 @@ pub struct Qemu {
 impl Qemu {
     /// Start QEMU (TCG, q35) with the agent's virtio-serial port on a unix socket.
     pub fn start(kernel: &Path, initrd: &Path) -> Result<Qemu, String> {
+        Self::start_with(kernel, initrd, "")
+    }
+
+    /// As [`Qemu::start`], with `extra` appended to the kernel command line.
+    pub fn start_with(kernel: &Path, initrd: &Path, extra: &str) -> Result<Qemu, String> {
         for (what, p) in [("kernel", kernel), ("initrd", initrd)] {
             if !p.is_file() {
                 return Err(format!("{what} {}: no such file", p.display()));
@@ -105,7 +110,7 @@ impl Qemu {
             .arg(kernel)
             .arg("-initrd")
             .arg(initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .args(["-append", &format!("console=ttyS0 quiet panic=-1 {extra}")])
             .args(["-device", "virtio-serial-pci,id=vser0"])
             .args([
                 "-chardev",
