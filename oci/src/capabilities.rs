@@ -58,9 +58,12 @@ pub fn apply(process: &Process, warn: &mut dyn FnMut(String)) -> R<()> {
         .map_err(|e| format!("process.capabilities.inheritable: {e}"))?;
     caps::set(None, CapSet::Permitted, &perm)
         .map_err(|e| format!("process.capabilities.permitted: {e}"))?;
-    if !amb.is_empty() {
-        caps::set(None, CapSet::Ambient, &amb)
-            .map_err(|e| format!("process.capabilities.ambient: {e}"))?;
+    // like runc: an ambient capability that cannot be raised (not in inheritable and
+    // permitted) is a warning, not an error
+    for c in amb {
+        if let Err(e) = caps::raise(None, CapSet::Ambient, c) {
+            warn(format!("process.capabilities.ambient: raise {c}: {e}"));
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ type R<T> = std::result::Result<T, String>;
 
 /// What the engine hands to the init (through a memfd).
 #[derive(Debug, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // serialized once, never moved around
 pub enum InitConfig {
     Create(CreateConfig),
     Exec(ExecConfig),

@@ -121,12 +121,22 @@ pub(crate) fn spawn(mut req: SpawnReq<'_>, on_pid: &mut dyn FnMut(i32)) -> Resul
     drop(cfg_fd);
     drop(cmd);
     let helper = child.id() as i32;
-    let r = drive(&req, &ours, helper, on_pid);
+    let mut reported = None;
+    let r = drive(&req, &ours, helper, &mut |p| {
+        reported = Some(p);
+        on_pid(p)
+    });
     if r.is_err() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(helper),
-            nix::sys::signal::SIGKILL,
-        );
+        use nix::sys::signal::{kill, SIGKILL};
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(helper), SIGKILL);
+        // the failed container process is a child of the caller (CLONE_PARENT) and nobody else
+        // knows its pid: kill and reap it here (ECHILD if the caller's reaper was faster)
+        if let Some(p) = reported {
+            let _ = kill(Pid::from_raw(p), SIGKILL);
+            let _ = waitpid(Pid::from_raw(p), Some(WaitPidFlag::__WALL));
+        }
     }
     // reap the helper; the caller's subreaper may have got there first (ECHILD)
     let _ = child.wait();
@@ -165,7 +175,19 @@ fn drive(
             }
             Some((Msg::Warn(w), _)) => tracing::warn!("container init: {w}"),
             Some((Msg::Ready, _)) => ready = true,
-            Some((Msg::Error(e), _)) => return Err(Error::Init(e)),
+            Some((Msg::Error(e), _)) => {
+                // the intermediate reports the pid of the failed process too (it must be
+                // reaped); wait for that unless it is already known or cannot come any more
+                if pid.is_none() {
+                    while let Ok(Some((m, _))) = chan.recv() {
+                        if let Msg::Pid(p) = m {
+                            on_pid(p);
+                            break;
+                        }
+                    }
+                }
+                return Err(Error::Init(e));
+            }
             Some((m, _)) => return Err(Error::Init(format!("unexpected message {m:?}"))),
             None => {
                 if ready && pid.is_some() {

@@ -1,0 +1,631 @@
+//! Real containers through the engine (root, real cgroups, busybox-static rootfs).
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tandem_oci::{Container, CreateRequest, Engine, EngineConfig, Error, Status, Stdio};
+
+const APPLETS: &[&str] = &[
+    "sh", "true", "false", "cat", "echo", "id", "hostname", "sleep", "mkdir", "tty", "ls", "grep",
+    "head", "dd", "ps", "readlink", "wc", "tr", "seq", "env", "pwd", "stat",
+];
+
+fn subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl with constant args.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+/// A bundle in a temp dir plus a private state root; the container is deleted on drop.
+struct Fixture {
+    dir: tempfile::TempDir,
+    engine: Engine,
+    id: String,
+    container: Option<Container>,
+}
+
+fn base_config(id: &str, args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "tandem-test",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID"],
+                "ambient": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
+        ],
+        "linux": {
+            "cgroupsPath": format!("/tandem-test/{id}"),
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+impl Fixture {
+    fn new(name: &str, args: &[&str], patch: impl FnOnce(&mut Value)) -> Fixture {
+        subreaper();
+        let dir = tempfile::tempdir().unwrap();
+        let id = format!("{name}-{}", std::process::id());
+        let rootfs = dir.path().join("bundle/rootfs");
+        for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+            fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for a in APPLETS {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
+        }
+        let mut cfg = base_config(&id, args);
+        patch(&mut cfg);
+        fs::write(
+            dir.path().join("bundle/config.json"),
+            serde_json::to_vec_pretty(&cfg).unwrap(),
+        )
+        .unwrap();
+        let mut ec = EngineConfig::new(
+            dir.path().join("state"),
+            env!("CARGO_BIN_EXE_tandem-oci-init"),
+        );
+        ec.cgroup_root = PathBuf::from("/sys/fs/cgroup");
+        Fixture {
+            engine: Engine::new(ec),
+            dir,
+            id,
+            container: None,
+        }
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.dir.path().join("bundle")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state").join(&self.id)
+    }
+
+    /// create with stdout+stderr into a pipe; returns the read end and the container pid.
+    fn create_piped(&mut self) -> tandem_oci::Result<(fs::File, i32)> {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let w2 = w.try_clone().unwrap();
+        let (c, sp) = self.engine.create(CreateRequest {
+            id: &self.id,
+            bundle: &self.bundle(),
+            stdio: Stdio {
+                stdin: None,
+                stdout: Some(w),
+                stderr: Some(w2),
+            },
+        })?;
+        self.container = Some(c);
+        Ok((fs::File::from(r), sp.pid))
+    }
+
+    fn c(&self) -> &Container {
+        self.container.as_ref().unwrap()
+    }
+
+    /// create, start, wait; (exit status, output)
+    fn run(&mut self) -> (i32, String) {
+        let (mut out, pid) = self.create_piped().expect("create");
+        assert_eq!(self.c().status().unwrap(), Status::Created);
+        self.c().start().expect("start");
+        let status = wait(pid);
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        (status, s)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(c) = self.container.take() {
+            let pid = c.pid();
+            if let Err(e) = c.delete() {
+                eprintln!("cleanup of {}: {e}", self.id);
+            }
+            // reap what we were the parent/subreaper of
+            if pid > 0 {
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            }
+        }
+    }
+}
+
+/// waitpid a specific pid; the raw status.
+fn wait(pid: i32) -> i32 {
+    let mut status = 0;
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return status;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            panic!("waitpid {pid}: {e}");
+        }
+    }
+}
+
+fn exit_code(status: i32) -> i32 {
+    assert!(libc::WIFEXITED(status), "not exited: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(rel)];
+    }
+    fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .filter(|e| e.file_name() != "systemd")
+        .map(|e| e.path().join(rel))
+        .collect()
+}
+
+fn assert_gone(f: &Fixture) {
+    assert!(
+        !f.state_dir().exists(),
+        "state dir {:?} left",
+        f.state_dir()
+    );
+    for d in cgroup_dirs(&format!("tandem-test/{}", f.id)) {
+        assert!(!d.exists(), "cgroup {d:?} left");
+    }
+}
+
+fn proc_spec(args: &[&str]) -> tandem_oci::Process {
+    serde_json::from_value(json!({
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+    }))
+    .unwrap()
+}
+
+fn exec_output(c: &Container, exec_id: &str, p: &tandem_oci::Process) -> (i32, String) {
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let sp = c
+        .exec(
+            exec_id,
+            p,
+            Stdio {
+                stdin: None,
+                stdout: Some(w),
+                stderr: None,
+            },
+        )
+        .expect("exec");
+    let st = wait(sp.pid);
+    let mut s = String::new();
+    fs::File::from(r).read_to_string(&mut s).unwrap();
+    (st, s)
+}
+
+#[test]
+fn runs_with_output_exit_code_and_cleans_up() {
+    let mut f = Fixture::new(
+        "run",
+        &["sh", "-c", "echo hello from $(hostname); id -u; exit 3"],
+        |_| {},
+    );
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 3, "{out}");
+    assert_eq!(out, "hello from tandem-test\n0\n");
+    assert_eq!(f.c().status().unwrap(), Status::Stopped);
+    f.container.take().unwrap().delete().unwrap();
+    assert_gone(&f);
+}
+
+#[test]
+fn container_sees_its_own_pid_namespace_and_mounts() {
+    let mut f = Fixture::new(
+        "ns",
+        &[
+            "sh",
+            "-c",
+            "echo pid=$$; cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /sys/fs/cgroup | wc -l; \
+             cat /proc/timer_list | wc -c; ls /proc/acpi | wc -l; echo x > /proc/sys/kernel/hostname || echo ro-ok; \
+             ls -l /dev/ptmx /dev/null | wc -l",
+        ],
+        |_| {},
+    );
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "pid=1", "{out}");
+    assert!(lines[1].starts_with("sh -c"), "{out}");
+    assert!(lines[2].trim().parse::<u32>().unwrap() >= 1, "{out}");
+    assert_eq!(lines[3].trim(), "0", "masked file /proc/timer_list: {out}");
+    assert_eq!(lines[4].trim(), "0", "masked dir /proc/acpi: {out}");
+    assert!(out.contains("ro-ok"), "{out}");
+    assert_eq!(lines.last().unwrap().trim(), "2", "{out}");
+}
+
+#[test]
+fn exec_joins_namespaces() {
+    let mut f = Fixture::new("exec", &["sleep", "100"], |_| {});
+    let (_out, pid) = f.create_piped().unwrap();
+    f.c().start().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Running);
+    let (st, out) = exec_output(
+        f.c(),
+        "e1",
+        &proc_spec(&["sh", "-c", "hostname; cat /proc/1/cmdline; echo; echo $$"]),
+    );
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "tandem-test");
+    assert_eq!(
+        lines[1].trim_end_matches('\0').replace('\0', " "),
+        "sleep 100"
+    );
+    assert_ne!(lines[2], "1");
+    // the exec'd process was in the container's cgroup
+    let pids = f.c().pids().unwrap();
+    assert!(pids.contains(&pid), "{pids:?}");
+    // exec of a missing program is reported synchronously
+    let e = f
+        .c()
+        .exec("e2", &proc_spec(&["/bin/nope"]), Stdio::default())
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Init(ref m) if m.contains("/bin/nope: No such file or directory")),
+        "{e}"
+    );
+    f.c().kill(libc::SIGKILL, false).unwrap();
+    assert!(libc::WIFSIGNALED(wait(pid)));
+}
+
+#[test]
+fn terminal_gives_a_pty() {
+    let mut f = Fixture::new(
+        "tty",
+        &["sh", "-c", "tty; ls -l /dev/console | wc -l"],
+        |c| c["process"]["terminal"] = json!(true),
+    );
+    let (c, sp) = f
+        .engine
+        .create(CreateRequest {
+            id: &f.id,
+            bundle: &f.bundle(),
+            stdio: Stdio::default(),
+        })
+        .unwrap();
+    f.container = Some(c);
+    let master: OwnedFd = sp.console.expect("console");
+    f.c().start().unwrap();
+    let st = wait(sp.pid);
+    assert_eq!(exit_code(st), 0);
+    let mut out = Vec::new();
+    let mut file = fs::File::from(master);
+    let mut buf = [0u8; 4096];
+    // reading the master after the slave closed ends with EIO
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(!out.contains("not a tty"), "{out:?}");
+}
+
+#[test]
+fn exec_with_terminal() {
+    let mut f = Fixture::new("exectty", &["sleep", "100"], |_| {});
+    let (_o, pid) = f.create_piped().unwrap();
+    f.c().start().unwrap();
+    let mut p = proc_spec(&["tty"]);
+    p.set_terminal(Some(true));
+    let sp = f.c().exec("t", &p, Stdio::default()).unwrap();
+    let master = sp.console.expect("console");
+    assert_eq!(exit_code(wait(sp.pid)), 0);
+    let mut out = Vec::new();
+    let mut file = fs::File::from(master);
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("/dev/pts/"),
+        "{out:?}"
+    );
+    f.c().kill(libc::SIGKILL, true).unwrap();
+    wait(pid);
+}
+
+#[test]
+fn cpuset_pins_the_process() {
+    let mut f = Fixture::new(
+        "cpuset",
+        &["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+        |c| c["linux"]["resources"]["cpu"] = json!({"cpus": "1", "mems": "0", "shares": 512}),
+    );
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    assert_eq!(out.trim(), "Cpus_allowed_list:\t1");
+}
+
+#[test]
+fn memory_limit_oom_kills() {
+    let mut f = Fixture::new(
+        "oom",
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        |c| c["linux"]["resources"]["memory"] = json!({"limit": 16 << 20, "swap": 16 << 20}),
+    );
+    let (_out, pid) = f.create_piped().unwrap();
+    let notifier = f.c().oom_notifier().unwrap();
+    assert_eq!(f.c().oom_kills().unwrap(), 0);
+    let st = f.c().stats().unwrap();
+    assert_eq!(st.memory.limit_bytes, 16 << 20);
+    f.c().start().unwrap();
+    let status = wait(pid);
+    assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+    assert_eq!(libc::WTERMSIG(status), libc::SIGKILL);
+    // the notifier fired
+    let mut pfd = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&notifier),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(2000u16)).unwrap();
+    assert_eq!(n, 1, "oom notifier did not fire");
+    assert!(f.c().oom_kills().unwrap() >= 1);
+    assert!(f.c().stats().unwrap().memory.oom_kills >= 1);
+}
+
+#[test]
+fn pids_limit_is_enforced() {
+    let mut f = Fixture::new(
+        "pids",
+        &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8; do sleep 1 & done; wait; echo done",
+        ],
+        |c| c["linux"]["resources"]["pids"] = json!({"limit": 4}),
+    );
+    let (mut out, pid) = f.create_piped().unwrap();
+    assert_eq!(f.c().stats().unwrap().pids.limit, 4);
+    f.c().start().unwrap();
+    wait(pid);
+    let mut s = String::new();
+    out.read_to_string(&mut s).unwrap();
+    assert!(s.contains("can't fork"), "{s}");
+}
+
+#[test]
+fn hugetlb_limit_is_written() {
+    let mut f = Fixture::new("huge", &["true"], |c| {
+        c["linux"]["resources"]["hugepageLimits"] = json!([{"pageSize": "2MB", "limit": 4194304}])
+    });
+    let (_o, pid) = f.create_piped().unwrap();
+    let rel = format!("tandem-test/{}", f.id);
+    let root = Path::new("/sys/fs/cgroup");
+    let file = if root.join("cgroup.controllers").exists() {
+        root.join(&rel).join("hugetlb.2MB.max")
+    } else if root.join("unified/cgroup.controllers").exists()
+        && fs::read_to_string(root.join("unified/cgroup.controllers"))
+            .unwrap()
+            .contains("hugetlb")
+    {
+        root.join("unified").join(&rel).join("hugetlb.2MB.max")
+    } else {
+        root.join("hugetlb")
+            .join(&rel)
+            .join("hugetlb.2MB.limit_in_bytes")
+    };
+    assert_eq!(
+        fs::read_to_string(&file).unwrap().trim(),
+        "4194304",
+        "{file:?}"
+    );
+    f.c().start().unwrap();
+    wait(pid);
+    let c = f.container.take().unwrap();
+    c.delete().unwrap();
+    assert!(!file.parent().unwrap().exists());
+}
+
+#[test]
+fn pause_and_resume() {
+    let mut f = Fixture::new("pause", &["sleep", "100"], |_| {});
+    let (_o, pid) = f.create_piped().unwrap();
+    f.c().start().unwrap();
+    f.c().pause().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Paused);
+    let freezer = Path::new("/sys/fs/cgroup/freezer/tandem-test")
+        .join(&f.id)
+        .join("freezer.state");
+    if freezer.exists() {
+        assert_eq!(fs::read_to_string(&freezer).unwrap().trim(), "FROZEN");
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap();
+    assert!(state == 'D' || state == 'S', "{state}");
+    f.c().resume().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Running);
+    // paused then killed: kill thaws so the process dies
+    f.c().pause().unwrap();
+    f.c().kill(libc::SIGKILL, true).unwrap();
+    let st = wait(pid);
+    assert!(libc::WIFSIGNALED(st));
+}
+
+#[test]
+fn seccomp_denies_mkdir() {
+    let mut f = Fixture::new("seccomp", &["sh", "-c", "mkdir /tmp/x; echo rc=$?"], |c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [{"names": ["mkdir", "mkdirat", "not_a_syscall"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        })
+    });
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.contains("rc=1"), "{out}");
+}
+
+#[test]
+fn containerd_default_seccomp_profile_runs() {
+    let profile: Value =
+        serde_json::from_str(include_str!("data/seccomp-containerd-1.6.json")).unwrap();
+    let mut f = Fixture::new("seccompdef", &["sh", "-c", "echo ok; ls / | wc -l"], |c| {
+        c["linux"]["seccomp"] = profile;
+    });
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    assert!(out.starts_with("ok\n"), "{out}");
+}
+
+#[test]
+fn bad_spec_leaves_nothing() {
+    let mut f = Fixture::new("badcpus", &["true"], |c| {
+        c["linux"]["resources"]["cpu"] = json!({"cpus": "abc"})
+    });
+    let e = f.create_piped().unwrap_err();
+    assert!(
+        matches!(e, Error::Spec { ref field, .. } if field == "linux.resources.cpu.cpus"),
+        "{e}"
+    );
+    assert_gone(&f);
+
+    let mut f = Fixture::new("badns", &["true"], |c| {
+        c["linux"]["namespaces"][0]["type"] = json!("bogus")
+    });
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(e.contains("linux.namespaces[0].type"), "{e}");
+    assert_gone(&f);
+
+    let mut f = Fixture::new("noroot", &["true"], |c| {
+        c["root"]["path"] = json!("missing")
+    });
+    let e = f.create_piped().unwrap_err();
+    assert!(
+        matches!(e, Error::Bundle { ref path, .. } if path.ends_with("missing")),
+        "{e}"
+    );
+    assert_gone(&f);
+}
+
+#[test]
+fn init_errors_come_back_and_leave_nothing() {
+    let mut f = Fixture::new("nope", &["/bin/nope"], |_| {});
+    let e = f.create_piped().unwrap_err();
+    assert!(
+        matches!(e, Error::Init(ref m) if m == "exec: /bin/nope: No such file or directory"),
+        "{e}"
+    );
+    assert_gone(&f);
+
+    let mut f = Fixture::new("badcwd", &["true"], |c| {
+        c["process"]["cwd"] = json!("/no/such/dir")
+    });
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(e.contains("process.cwd /no/such/dir"), "{e}");
+    assert_gone(&f);
+
+    let mut f = Fixture::new("notinpath", &["nosuchprog"], |_| {});
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(e.contains("executable file not found in $PATH"), "{e}");
+    assert_gone(&f);
+}
+
+#[test]
+fn load_after_restart_and_delete_is_idempotent() {
+    let mut f = Fixture::new("load", &["sleep", "100"], |_| {});
+    let (_o, pid) = f.create_piped().unwrap();
+    assert!(f
+        .engine
+        .create(CreateRequest {
+            id: &f.id,
+            bundle: &f.bundle(),
+            stdio: Stdio::default()
+        })
+        .is_err_and(|e| matches!(e, Error::Exists(_))));
+    let engine2 = Engine::new(f.engine.config().clone());
+    assert_eq!(engine2.list().unwrap(), vec![f.id.clone()]);
+    let c = engine2.load(&f.id).unwrap();
+    assert_eq!(c.pid(), pid);
+    assert_eq!(c.status().unwrap(), Status::Created);
+    c.start().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Running);
+    let stats = c.stats().unwrap();
+    assert!(stats.pids.current >= 1);
+    assert!(stats.memory.usage_bytes > 0);
+    c.delete().unwrap();
+    let st = wait(pid);
+    assert!(libc::WIFSIGNALED(st));
+    c.delete().unwrap();
+    assert!(matches!(engine2.load(&f.id), Err(Error::NotFound(_))));
+    assert_gone(&f);
+    f.container = None;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn update_changes_resources() {
+    let mut f = Fixture::new("update", &["sleep", "100"], |c| {
+        c["linux"]["resources"]["pids"] = json!({"limit": 50})
+    });
+    let (_o, pid) = f.create_piped().unwrap();
+    let res: tandem_oci::LinuxResources =
+        serde_json::from_value(json!({"pids": {"limit": 20}, "memory": {"limit": 64 << 20}}))
+            .unwrap();
+    f.c().update(&res).unwrap();
+    let st = f.c().stats().unwrap();
+    assert_eq!(st.pids.limit, 20);
+    assert_eq!(st.memory.limit_bytes, 64 << 20);
+    let bad: tandem_oci::LinuxResources =
+        serde_json::from_value(json!({"cpu": {"cpus": "1-"}})).unwrap();
+    assert!(f
+        .c()
+        .update(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("cpu.cpus"));
+    f.c().kill(libc::SIGKILL, true).unwrap();
+    let _ = AsRawFd::as_raw_fd(&_o);
+    wait(pid);
+}
