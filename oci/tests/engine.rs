@@ -237,14 +237,20 @@ fn exec_output(c: &Container, exec_id: &str, p: &tandem_oci::Process) -> (i32, S
 
 #[test]
 fn runs_with_output_exit_code_and_cleans_up() {
+    // containerd's CRI asks for oomScoreAdj -998, which root without CAP_SYS_RESOURCE cannot
+    // set: a warning, not a failure
     let mut f = Fixture::new(
         "run",
-        &["sh", "-c", "echo hello from $(hostname); id -u; exit 3"],
-        |_| {},
+        &[
+            "sh",
+            "-c",
+            "echo hello from $(hostname); id -u; ulimit -n; exit 3",
+        ],
+        |c| c["process"]["oomScoreAdj"] = json!(-998),
     );
     let (st, out) = f.run();
     assert_eq!(exit_code(st), 3, "{out}");
-    assert_eq!(out, "hello from tandem-test\n0\n");
+    assert_eq!(out, "hello from tandem-test\n0\n1024\n");
     assert_eq!(f.c().status().unwrap(), Status::Stopped);
     f.container.take().unwrap().delete().unwrap();
     assert_gone(&f);
@@ -277,7 +283,9 @@ fn container_sees_its_own_pid_namespace_and_mounts() {
 
 #[test]
 fn exec_joins_namespaces() {
-    let mut f = Fixture::new("exec", &["sleep", "100"], |_| {});
+    let mut f = Fixture::new("exec", &["sleep", "100"], |c| {
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"})
+    });
     let (_out, pid) = f.create_piped().unwrap();
     f.c().start().unwrap();
     assert_eq!(f.c().status().unwrap(), Status::Running);
@@ -294,6 +302,18 @@ fn exec_joins_namespaces() {
         "sleep 100"
     );
     assert_ne!(lines[2], "1");
+    // user, groups, cwd and env of the exec'd process
+    let p: tandem_oci::Process = serde_json::from_value(json!({
+        "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]},
+        "args": ["sh", "-c", "id; pwd; echo $FOO; cat /proc/sys/net/ipv4/ip_forward"],
+        "env": ["PATH=/bin", "FOO=bar"],
+        "cwd": "/tmp",
+        "noNewPrivileges": true,
+    }))
+    .unwrap();
+    let (st, out) = exec_output(f.c(), "e-user", &p);
+    assert_eq!(exit_code(st), 0, "{out}");
+    assert_eq!(out, "uid=1000 gid=1000 groups=10,20\n/tmp\nbar\n1\n");
     // the exec'd process was in the container's cgroup
     let pids = f.c().pids().unwrap();
     assert!(pids.contains(&pid), "{pids:?}");
@@ -628,4 +648,94 @@ fn update_changes_resources() {
     f.c().kill(libc::SIGKILL, true).unwrap();
     let _ = AsRawFd::as_raw_fd(&_o);
     wait(pid);
+}
+
+#[test]
+fn user_namespace_maps_ids() {
+    let mut f = Fixture::new(
+        "userns",
+        &[
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map; cat /proc/self/gid_map; hostname; ls /proc | wc -l",
+        ],
+        |c| {
+            let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.push(json!({"type": "user"}));
+            c["linux"]["uidMappings"] =
+                json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+            c["linux"]["gidMappings"] =
+                json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        },
+    );
+    // the container's root (host uid 100000) must reach the rootfs and the exec fifo
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(f.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"],
+        "{out}"
+    );
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"],
+        "{out}"
+    );
+    assert_eq!(lines[3], "tandem-test");
+    // host view: the container process ran as host uid 100000
+    f.container.take().unwrap().delete().unwrap();
+    assert_gone(&f);
+}
+
+#[test]
+fn user_namespace_needs_mappings() {
+    let mut f = Fixture::new("usernomap", &["true"], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user"}));
+    });
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(e.contains("uidMappings"), "{e}");
+    assert_gone(&f);
+}
+
+#[test]
+fn exec_into_user_namespace() {
+    let mut f = Fixture::new("userexec", &["sleep", "100"], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user"}));
+        c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+    });
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(f.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (_o, pid) = f.create_piped().unwrap();
+    f.c().start().unwrap();
+    let (st, out) = exec_output(
+        f.c(),
+        "u",
+        &proc_spec(&[
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map; cat /proc/1/cmdline",
+        ]),
+    );
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "200000", "65536"]
+    );
+    assert!(lines[2].starts_with("sleep"), "{out}");
+    // the host sees the exec'd process's uid as 200000
+    f.c().kill(libc::SIGKILL, true).unwrap();
+    assert!(libc::WIFSIGNALED(wait(pid)));
 }
