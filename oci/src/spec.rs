@@ -12,7 +12,9 @@ use serde_json::Value;
 use crate::{Error, Result};
 
 /// Namespace types the engine knows.
-pub const NAMESPACE_TYPES: &[&str] = &["pid", "network", "mount", "ipc", "uts", "user", "cgroup"];
+pub const NAMESPACE_TYPES: &[&str] = &[
+    "pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time",
+];
 
 fn spec_err(field: impl Into<String>, msg: impl Into<String>) -> Error {
     Error::Spec {
@@ -92,6 +94,9 @@ pub fn validate(spec: &Spec) -> Result<()> {
         .as_ref()
         .ok_or_else(|| spec_err("process", "missing"))?;
     validate_process(process, "process")?;
+    if spec.hooks().is_some() {
+        tracing::warn!("config.json: hooks are not supported by tandem-oci and are ignored");
+    }
     if let Some(linux) = spec.linux() {
         if let Some(res) = linux.resources() {
             validate_resources(res)?;

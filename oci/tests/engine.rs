@@ -739,3 +739,53 @@ fn exec_into_user_namespace() {
     f.c().kill(libc::SIGKILL, true).unwrap();
     assert!(libc::WIFSIGNALED(wait(pid)));
 }
+
+#[test]
+fn bind_mounts_devices_readonly_root_and_process_attributes() {
+    let data = tempfile::tempdir().unwrap();
+    fs::write(data.path().join("hello.txt"), "from the host\n").unwrap();
+    let src = data.path().to_str().unwrap().to_string();
+    let mut f = Fixture::new(
+        "binds",
+        &[
+            "sh",
+            "-c",
+            "cat /data/hello.txt; echo x > /data/new || echo data-ro; \
+             echo x > /newfile || echo root-ro; echo x > /tmp/ok && echo tmp-rw; \
+             echo hi > /dev/mydev && echo dev-ok; ls -l /dev/mydev | cut -c1-10; \
+             grep -E '^(NoNewPrivs|CapBnd|CapEff)' /proc/self/status; \
+             hostname; cat /proc/sys/kernel/domainname",
+        ],
+        |c| {
+            c["root"]["readonly"] = json!(true);
+            c["domainname"] = json!("example.test");
+            c["mounts"].as_array_mut().unwrap().push(json!({
+                "destination": "/data", "type": "bind", "source": src,
+                "options": ["rbind", "ro", "nosuid", "nodev"]
+            }));
+            c["linux"]["devices"] = json!([{"path": "/dev/mydev", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}]);
+        },
+    );
+    fs::create_dir_all(f.bundle().join("rootfs/data")).unwrap();
+    std::os::unix::fs::symlink("busybox", f.bundle().join("rootfs/bin/cut")).unwrap();
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    let expect = [
+        "from the host",
+        "data-ro",
+        "root-ro",
+        "tmp-rw",
+        "dev-ok",
+        "crw-rw-rw-",
+        "NoNewPrivs:\t1",
+        "CapEff:\t00000000200004eb",
+        "CapBnd:\t00000000200004eb",
+        "tandem-test",
+        "example.test",
+    ];
+    for e in expect {
+        assert!(out.lines().any(|l| l == e), "missing {e:?} in:\n{out}");
+    }
+    // the bind source on the host is untouched
+    assert!(!data.path().join("new").exists());
+}
