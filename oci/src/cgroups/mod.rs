@@ -4,6 +4,7 @@
 //! Every function takes the cgroup root as a parameter (through [`Layout::detect`]) so that the
 //! unit tests run against a fake tree in a temporary directory.
 
+pub mod devices_bpf;
 mod v1;
 mod v2;
 

@@ -36,7 +36,7 @@ fn dir(cg: &Cgroup, controller: &str) -> Result<std::path::PathBuf> {
     })
 }
 
-fn device_rule(d: &LinuxDeviceCgroup) -> String {
+pub(super) fn device_rule(d: &LinuxDeviceCgroup) -> String {
     let typ = match d.typ() {
         None | Some(LinuxDeviceType::A) => "a",
         Some(LinuxDeviceType::B) => "b",

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use oci_spec::runtime::LinuxResources;
 
-use super::{cg_err, keyed, read_keyed, read_u64, write};
+use super::{cg_err, devices_bpf, keyed, read_keyed, read_u64, write};
 use crate::{HugetlbStats, Result, Stats};
 
 /// Make `mount/rel` with parents, enabling in each ancestor's `cgroup.subtree_control` every
@@ -143,11 +143,24 @@ pub(super) fn apply(dir: &Path, res: &LinuxResources, initial: bool) -> Result<(
         }
     }
     if let Some(devs) = res.devices() {
-        // cgroup2 device control is an eBPF program; not implemented.
-        if devs.iter().any(|d| d.allow() || d.access().is_some()) && initial {
+        if initial {
+            // cgroup2 device control is an eBPF program attached to the cgroup
+            let mut rules: Vec<devices_bpf::Rule> = devs
+                .iter()
+                .filter_map(|d| devices_bpf::Rule::parse(d.allow(), &super::v1::device_rule(d)))
+                .collect();
+            if !rules.is_empty() {
+                rules.extend(
+                    super::v1::DEFAULT_ALLOWED_DEVICES
+                        .iter()
+                        .filter_map(|r| devices_bpf::Rule::parse(true, r)),
+                );
+                devices_bpf::attach(dir, &rules).map_err(|e| cg_err(dir, e))?;
+            }
+        } else if !devs.is_empty() {
             tracing::warn!(
                 cgroup = %dir.display(),
-                "cgroup v2: device cgroup rules are not enforced (no eBPF device filter); skipped"
+                "cgroup v2: device rules are set at create only; update ignores them"
             );
         }
     }
