@@ -1,0 +1,5 @@
+//! Devices, one file each.
+
+pub mod i8042;
+pub mod power;
+pub mod serial;

@@ -1,0 +1,10 @@
+//! tandem's own microVM: a KVM VMM on the rust-vmm crates.
+
+pub mod bus;
+pub mod devices;
+pub mod memory;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{Vm, VmOptions};

@@ -1,0 +1,407 @@
+//! The microVM core on the real /dev/kvm with tiny guests assembled here (bytes written out):
+//! serial to the log, i8042 reset, pinned vCPU threads, hugepage-backed memory, MMIO dispatch,
+//! pause/resume/shutdown.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use tandem_vmm::microvm::bus::BusDevice;
+use tandem_vmm::microvm::vcpu::{gettid, ExitReason};
+use tandem_vmm::microvm::{Vm, VmOptions};
+use tandem_vmm::{BootMode, CpuMode, MemoryBacking, MemoryConfig, VcpuConfig, VmConfig, VmState};
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tandem-vmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Real mode: "Hi\n" to COM1, then i8042 CPU reset.
+const HI_AND_RESET: &[u8] = &[
+    0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'H', 0xee, // mov al, 'H'; out dx, al
+    0xb0, b'i', 0xee, // mov al, 'i'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+    0xf4, 0xeb, 0xfd, // hlt; jmp hlt
+];
+
+fn config(dir: &Path, payload: &[u8], mode: CpuMode, vcpus: Vec<VcpuConfig>) -> VmConfig {
+    let kernel = dir.join("payload.bin");
+    std::fs::write(&kernel, payload).unwrap();
+    VmConfig {
+        kernel,
+        boot: BootMode::Flat {
+            load_addr: 0x1000,
+            mode,
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vcpus,
+        memory: MemoryConfig {
+            size_mib: 2,
+            ..Default::default()
+        },
+        nics: vec![],
+        disks: vec![],
+        vsock: None,
+        serial_log: Some(dir.join("serial.log")),
+    }
+}
+
+fn wait_exit(vm: &Vm, timeout: Duration) -> Option<ExitReason> {
+    let mut pfd = libc::pollfd {
+        fd: vm.exit_event().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if n == 1 {
+        vm.exit_reason()
+    } else {
+        None
+    }
+}
+
+fn read(p: &Path) -> String {
+    let mut s = String::new();
+    std::fs::File::open(p)
+        .unwrap()
+        .read_to_string(&mut s)
+        .unwrap();
+    s
+}
+
+#[test]
+fn serial_hi_reaches_the_log_and_i8042_reset_ends_the_vm() {
+    let dir = TempDir::new("serial");
+    let cfg = config(
+        &dir.0,
+        HI_AND_RESET,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        wait_exit(&vm, Duration::from_secs(10)),
+        Some(ExitReason::Reset)
+    );
+    assert_eq!(vm.state(), VmState::Stopped);
+    vm.shutdown();
+    assert_eq!(read(&dir.0.join("serial.log")), "Hi\n");
+}
+
+/// Records (value, writer tid) of byte writes to its port.
+struct TidRecorder(mpsc::Sender<(u8, i32)>);
+impl BusDevice for TidRecorder {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _: u64, data: &[u8]) {
+        let _ = self.0.send((data[0], gettid()));
+    }
+}
+
+fn cpus_allowed_list(tid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn two_vcpus_report_from_their_own_pinned_threads() {
+    // Real mode: cpuid(1) -> APIC id in EBX[31:24], written to port 0x510; then cli; hlt.
+    let code = [
+        0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+        0x0f, 0xa2, // cpuid
+        0x66, 0xc1, 0xeb, 0x18, // shr ebx, 24
+        0x88, 0xd8, // mov al, bl
+        0xba, 0x10, 0x05, // mov dx, 0x510
+        0xee, // out dx, al
+        0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+    ];
+    let dir = TempDir::new("pin");
+    // vCPU 0 on host CPU 1 and vCPU 1 on host CPU 0, so that pinning cannot be a coincidence.
+    let cfg = config(
+        &dir.0,
+        &code,
+        CpuMode::Real16,
+        vec![
+            VcpuConfig { host_cpu: Some(1) },
+            VcpuConfig { host_cpu: Some(0) },
+        ],
+    );
+    let mut vm = Vm::create(&cfg, VmOptions { seccomp: true }).unwrap();
+    let (tx, rx) = mpsc::channel();
+    vm.add_pio_device(Arc::new(Mutex::new(TidRecorder(tx))), 0x510, 1)
+        .unwrap();
+    vm.start().unwrap();
+    let threads = vm.vcpu_threads();
+    assert_eq!(threads.len(), 2);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen[0].0, 0);
+    assert_eq!(seen[1].0, 1);
+    for (apic_id, tid) in seen {
+        let t = threads[apic_id as usize];
+        assert_eq!(t.tid, tid, "vCPU {apic_id} reported from another thread");
+        assert_eq!(t.host_cpu, Some(1 - apic_id as usize));
+        assert_eq!(cpus_allowed_list(tid), (1 - apic_id).to_string());
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        assert_eq!(comm.trim(), format!("vcpu{apic_id}"));
+    }
+    // Both vCPUs are halted in the kernel (or parked); shutdown must still end them.
+    vm.shutdown();
+    assert_eq!(vm.state(), VmState::Stopped);
+    for t in threads {
+        assert!(!Path::new(&format!("/proc/self/task/{}", t.tid)).exists());
+    }
+}
+
+type Writes = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+/// Records writes; reads return `fill` in every byte.
+struct MmioRecorder {
+    writes: Writes,
+    fill: u8,
+}
+impl BusDevice for MmioRecorder {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(self.fill);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.writes.lock().unwrap().push((offset, data.to_vec()));
+    }
+}
+
+#[test]
+fn guest_mmio_accesses_reach_the_right_device() {
+    // 32-bit protected mode, flat segments.
+    let code = [
+        0xb8, 0x44, 0x33, 0x22, 0x11, // mov eax, 0x11223344
+        0xa3, 0x08, 0x10, 0x00, 0xd0, // mov [0xd0001008], eax   (device B, offset 8)
+        0xb0, 0x5a, // mov al, 0x5a
+        0xa2, 0x04, 0x00, 0x00, 0xd0, // mov [0xd0000004], al    (device A, offset 4)
+        0xa1, 0x10, 0x10, 0x00, 0xd0, // mov eax, [0xd0001010]   (device B reads 'K')
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+        0xf4, 0xeb, 0xfd,
+    ];
+    let dir = TempDir::new("mmio");
+    let cfg = config(
+        &dir.0,
+        &code,
+        CpuMode::Protected32,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+    let a = Arc::new(Mutex::new(Vec::new()));
+    let b = Arc::new(Mutex::new(Vec::new()));
+    {
+        let bus = vm.mmio_bus();
+        let mut bus = bus.write().unwrap();
+        let dev = |w: &Writes, fill| {
+            Arc::new(Mutex::new(MmioRecorder {
+                writes: w.clone(),
+                fill,
+            }))
+        };
+        bus.insert(dev(&a, b'A'), 0xd000_0000, 0x1000).unwrap();
+        bus.insert(dev(&b, b'K'), 0xd000_1000, 0x1000).unwrap();
+    }
+    vm.start().unwrap();
+    assert_eq!(
+        wait_exit(&vm, Duration::from_secs(10)),
+        Some(ExitReason::Reset)
+    );
+    vm.shutdown();
+    assert_eq!(*a.lock().unwrap(), vec![(4, vec![0x5a])]);
+    assert_eq!(*b.lock().unwrap(), vec![(8, vec![0x44, 0x33, 0x22, 0x11])]);
+    assert_eq!(read(&dir.0.join("serial.log")), "K");
+}
+
+struct Counter(Arc<AtomicU64>);
+impl BusDevice for Counter {
+    fn read(&mut self, _: u64, _: &mut [u8]) {}
+    fn write(&mut self, _: u64, _: &[u8]) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn pause_parks_the_vcpus_and_resume_continues() {
+    let code = [
+        0xba, 0x20, 0x05, // mov dx, 0x520
+        0xee, 0xeb, 0xfd, // loop: out dx, al; jmp loop
+    ];
+    let dir = TempDir::new("pause");
+    let cfg = config(
+        &dir.0,
+        &code,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: None }, VcpuConfig { host_cpu: None }],
+    );
+    let mut vm = Vm::create(&cfg, VmOptions { seccomp: true }).unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    vm.add_pio_device(Arc::new(Mutex::new(Counter(count.clone()))), 0x520, 1)
+        .unwrap();
+    vm.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count.load(Ordering::SeqCst) < 1000 {
+        assert!(std::time::Instant::now() < deadline, "guest does not run");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    let a = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(count.load(Ordering::SeqCst), a, "a paused guest ran");
+    assert!(vm.pause().is_err());
+    vm.resume().unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    while count.load(Ordering::SeqCst) < a + 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest does not resume"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.shutdown();
+    assert_eq!(vm.state(), VmState::Stopped);
+    let b = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(count.load(Ordering::SeqCst), b);
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
+/// Restores /proc/sys/vm/nr_hugepages on drop.
+struct HugepageReservation(String);
+impl Drop for HugepageReservation {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", &self.0);
+    }
+}
+
+#[test]
+fn hugetlb_backed_prefaulted_memory_comes_from_the_hugepage_pool() {
+    const GUEST_MIB: u64 = 32;
+    let pages = GUEST_MIB / 2;
+    let old = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap();
+    let _restore = HugepageReservation(old.clone());
+    let old_n: u64 = old.trim().parse().unwrap();
+    std::fs::write("/proc/sys/vm/nr_hugepages", (old_n + pages).to_string()).unwrap();
+    assert!(
+        meminfo("HugePages_Total:") >= old_n + pages,
+        "could not reserve {pages} 2 MiB hugepages"
+    );
+    let dir = TempDir::new("huge");
+    let mut cfg = config(
+        &dir.0,
+        HI_AND_RESET,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: Some(0) }],
+    );
+    cfg.memory = MemoryConfig {
+        size_mib: GUEST_MIB,
+        backing: MemoryBacking::Hugetlb2M,
+        numa_nodes: vec![0],
+        prefault: true,
+    };
+    let free_before = meminfo("HugePages_Free:");
+    let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+    let free_after = meminfo("HugePages_Free:");
+    assert_eq!(
+        free_before - free_after,
+        pages,
+        "guest memory not on hugepages"
+    );
+    vm.start().unwrap();
+    assert_eq!(
+        wait_exit(&vm, Duration::from_secs(10)),
+        Some(ExitReason::Reset)
+    );
+    drop(vm);
+    assert_eq!(read(&dir.0.join("serial.log")), "Hi\n");
+    assert_eq!(
+        meminfo("HugePages_Free:"),
+        free_before,
+        "hugepages not released"
+    );
+}
+
+#[test]
+fn unsupported_and_invalid_configs_fail_naming_the_thing() {
+    let dir = TempDir::new("bad");
+    let mut cfg = config(
+        &dir.0,
+        HI_AND_RESET,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    cfg.kernel = "/x/vmlinuz".into();
+    let e = Vm::create(&cfg, VmOptions::default()).err().unwrap();
+    assert_eq!(e.to_string(), "kernel /x/vmlinuz: not found");
+
+    let mut cfg = config(
+        &dir.0,
+        HI_AND_RESET,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    cfg.boot = BootMode::Flat {
+        load_addr: 0x1f_fff0,
+        mode: CpuMode::Protected32,
+    };
+    let e = Vm::create(&cfg, VmOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("do not fit in guest memory"), "{e}");
+
+    let mut cfg = config(
+        &dir.0,
+        HI_AND_RESET,
+        CpuMode::Real16,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    cfg.serial_log = Some("/nonexistent-dir/serial.log".into());
+    let e = Vm::create(&cfg, VmOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.starts_with("/nonexistent-dir/serial.log: "), "{e}");
+}
