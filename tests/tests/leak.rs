@@ -1,0 +1,52 @@
+//! 200 sequential `ctr run --rm … /bin/true` cycles leave nothing behind.
+
+use std::time::Instant;
+
+use tandem_tests::*;
+
+#[test]
+fn two_hundred_run_rm_cycles_leave_nothing() {
+    let c = Containerd::start(None).unwrap();
+    c.import_busybox();
+    let n: usize = std::env::var("TANDEM_LEAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = unique_id("cycle");
+        let (code, _, err) = c.run_rm(&[], &id, &["/bin/true"]);
+        assert_eq!(code, 0, "cycle {i} ({id}): {err}\n{}", c.log_tail(20));
+        ids.push(id);
+    }
+    let elapsed = t0.elapsed();
+    eprintln!("{n} cycles in {elapsed:?} ({:?} each)", elapsed / n as u32);
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    c.assert_no_leaks(&refs);
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        mounts_after <= mounts_before,
+        "mount count grew {mounts_before} -> {mounts_after}"
+    );
+    // No container cgroup is left under the namespace in any hierarchy.
+    for h in cgroup_hierarchies() {
+        let ns = h.join(&c.namespace);
+        if let Ok(rd) = std::fs::read_dir(&ns) {
+            let left: Vec<_> = rd
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path())
+                .collect();
+            assert!(left.is_empty(), "cgroups left: {left:?}");
+        }
+    }
+    assert!(c.shim_pids().is_empty(), "shims left: {:?}", c.shim_pids());
+}
