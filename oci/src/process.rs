@@ -64,6 +64,10 @@ fn write_maps(pid: i32, uid: &[LinuxIdMapping], gid: &[LinuxIdMapping]) -> Resul
     Ok(())
 }
 
+/// How long the init may take to set the container up (mounts, namespaces) before create or
+/// exec gives up and undoes everything.
+pub(crate) const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What to spawn.
 pub(crate) struct SpawnReq<'a> {
     pub init_exe: &'a Path,
@@ -154,8 +158,12 @@ fn drive(
     let mut pid = None;
     let mut console = None;
     let mut ready = false;
+    let deadline = std::time::Instant::now() + INIT_TIMEOUT;
     loop {
-        let m = chan.recv().map_err(io("sync: recv"))?;
+        let m = chan.recv_until(deadline).map_err(io(format!(
+            "sync: waiting for the container init (pid {helper}, up to {}s)",
+            INIT_TIMEOUT.as_secs()
+        )))?;
         match m {
             Some((Msg::MapIds { pid: p }, _)) => {
                 if let Err(e) = write_maps(p, &req.uid_maps, &req.gid_maps) {

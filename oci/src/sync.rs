@@ -94,6 +94,34 @@ impl Channel {
         }
     }
 
+    /// Like [`Channel::recv`], but fails with `TimedOut` when nothing arrives before `deadline`.
+    pub fn recv_until(
+        &self,
+        deadline: std::time::Instant,
+    ) -> std::io::Result<Option<(Msg, Option<OwnedFd>)>> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no message from the container init",
+                ));
+            }
+            let ms = left.as_millis().min(u128::from(i32::MAX as u32)) as i32;
+            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            match poll(
+                &mut pfd,
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+            ) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => return self.recv(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Next message; `None` at EOF (every peer closed its end).
     pub fn recv(&self) -> std::io::Result<Option<(Msg, Option<OwnedFd>)>> {
         let mut buf = vec![0u8; 64 * 1024];
@@ -153,5 +181,16 @@ mod tests {
         }
         drop(a);
         assert!(b.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn recv_until_times_out() {
+        let (_a, b) = Channel::pair().unwrap();
+        let t = std::time::Instant::now();
+        let e = b
+            .recv_until(t + std::time::Duration::from_millis(50))
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(50));
     }
 }

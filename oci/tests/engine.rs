@@ -789,3 +789,25 @@ fn bind_mounts_devices_readonly_root_and_process_attributes() {
     // the bind source on the host is untouched
     assert!(!data.path().join("new").exists());
 }
+
+#[test]
+fn create_start_exit_latency() {
+    let mut times = Vec::new();
+    for i in 0..7 {
+        let mut f = Fixture::new(&format!("lat{i}"), &["true"], |_| {});
+        let t = Instant::now();
+        let (st, _) = f.run();
+        times.push(t.elapsed());
+        assert_eq!(exit_code(st), 0);
+        f.container.take().unwrap().delete().unwrap();
+        assert_gone(&f);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    eprintln!(
+        "create+start+exit of /bin/true: median {median:?}, min {:?}, max {:?}",
+        times[0],
+        times[times.len() - 1]
+    );
+    assert!(median < Duration::from_millis(500), "median {median:?}");
+}
