@@ -255,6 +255,278 @@ impl AgentClient {
     }
 }
 
+/// A rootfs mount for [`AgentClient::create_container`] (performed in the guest, in order).
+#[derive(Debug, Clone, Default)]
+pub struct Mount {
+    pub fstype: String,
+    pub source: String,
+    /// Relative to the bundle, e.g. "rootfs".
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+/// How a process ended, from WaitProcess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// The code, or 128 + signal.
+    pub status: i32,
+    pub exited_at_unix_ns: i64,
+}
+
+/// Container usage from Stats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    pub cpu_usage_total_ns: u64,
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids_current: u64,
+}
+
+/// Longest chunk the client asks for and accepts from ReadStdout/ReadStderr.
+pub const MAX_READ: u32 = 1024 * 1024;
+
+impl AgentClient {
+    fn call<R>(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+        f: impl FnOnce(&proto::AgentClient, ttrpc::context::Context) -> ttrpc::Result<R>,
+    ) -> Result<R> {
+        let started = Instant::now();
+        f(&self.inner, Self::ctx(timeout)).map_err(|e| self.map_err(call, timeout, started, e))
+    }
+
+    fn check_pid(&self, call: &'static str, pid: u32) -> Result<i32> {
+        match i32::try_from(pid) {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(Error::InvalidReply {
+                path: self.path.clone(),
+                call,
+                msg: format!("pid {pid}"),
+            }),
+        }
+    }
+
+    /// Create a container from an OCI spec (config.json bytes) and rootfs mounts; returns the
+    /// guest pid of its process, which waits for [`AgentClient::start_container`].
+    pub fn create_container(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[Mount],
+        stdin: bool,
+    ) -> Result<i32> {
+        let req = proto::CreateContainerRequest {
+            container_id: id.to_string(),
+            oci_spec_json: spec_json.to_vec(),
+            rootfs: rootfs
+                .iter()
+                .map(|m| proto::Mount {
+                    type_: m.fstype.clone(),
+                    source: m.source.clone(),
+                    target: m.target.clone(),
+                    options: m.options.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            stdin,
+            ..Default::default()
+        };
+        let r = self.call("CreateContainer", self.call_timeout, |c, ctx| {
+            c.create_container(ctx, &req)
+        })?;
+        self.check_pid("CreateContainer", r.pid)
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<i32> {
+        let req = proto::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        let r = self.call("StartContainer", self.call_timeout, |c, ctx| {
+            c.start_container(ctx, &req)
+        })?;
+        self.check_pid("StartContainer", r.pid)
+    }
+
+    /// Start another process (an OCI `process` object as JSON) in a running container.
+    pub fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdin: bool,
+    ) -> Result<i32> {
+        let req = proto::ExecProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            oci_process_json: process_json.to_vec(),
+            stdin,
+            ..Default::default()
+        };
+        let r = self.call("ExecProcess", self.call_timeout, |c, ctx| {
+            c.exec_process(ctx, &req)
+        })?;
+        self.check_pid("ExecProcess", r.pid)
+    }
+
+    /// Signal a process (`exec_id` empty: the container's init; `all`: every process of it).
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<()> {
+        let req = proto::SignalProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal: signal as u32,
+            all,
+            ..Default::default()
+        };
+        self.call("SignalProcess", self.call_timeout, |c, ctx| {
+            c.signal_process(ctx, &req)
+        })?;
+        Ok(())
+    }
+
+    /// Wait at most `timeout` for a process to exit.
+    pub fn wait_process(&self, id: &str, exec_id: &str, timeout: Duration) -> Result<ProcessExit> {
+        let req = proto::ProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        let r = self.call("WaitProcess", timeout, |c, ctx| c.wait_process(ctx, &req))?;
+        if !(0..=255).contains(&r.exit_status) {
+            return Err(Error::InvalidReply {
+                path: self.path.clone(),
+                call: "WaitProcess",
+                msg: format!("exit_status {}", r.exit_status),
+            });
+        }
+        Ok(ProcessExit {
+            status: r.exit_status,
+            exited_at_unix_ns: r.exited_at_unix_ns,
+        })
+    }
+
+    /// Up to `max` bytes of a process's stdout (or stderr), waiting at most `wait` for some;
+    /// `(data, eof)`.
+    pub fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+        max: u32,
+        wait: Duration,
+    ) -> Result<(Vec<u8>, bool)> {
+        let max = max.clamp(1, MAX_READ);
+        let wait_ms = wait.as_millis().clamp(1, 5000) as u32;
+        let req = proto::ReadStreamRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            max_bytes: max,
+            wait_ms,
+            ..Default::default()
+        };
+        let timeout = Duration::from_millis(wait_ms.into()) + self.call_timeout;
+        let (call, r) = if stderr {
+            (
+                "ReadStderr",
+                self.call("ReadStderr", timeout, |c, ctx| c.read_stderr(ctx, &req))?,
+            )
+        } else {
+            (
+                "ReadStdout",
+                self.call("ReadStdout", timeout, |c, ctx| c.read_stdout(ctx, &req))?,
+            )
+        };
+        if r.data.len() > max as usize {
+            return Err(Error::InvalidReply {
+                path: self.path.clone(),
+                call,
+                msg: format!("{} bytes, more than the {max} asked for", r.data.len()),
+            });
+        }
+        Ok((r.data, r.eof))
+    }
+
+    pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
+        let req = proto::WriteStdinRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let r = self.call("WriteStdin", self.call_timeout, |c, ctx| {
+            c.write_stdin(ctx, &req)
+        })?;
+        if r.written as usize != data.len() {
+            return Err(Error::InvalidReply {
+                path: self.path.clone(),
+                call: "WriteStdin",
+                msg: format!("wrote {} of {} bytes", r.written, data.len()),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = proto::ProcessRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        };
+        self.call("CloseStdin", self.call_timeout, |c, ctx| {
+            c.close_stdin(ctx, &req)
+        })?;
+        Ok(())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<ContainerStats> {
+        let req = proto::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        let r = self.call("Stats", self.call_timeout, |c, ctx| c.stats(ctx, &req))?;
+        Ok(ContainerStats {
+            cpu_usage_total_ns: r.cpu_usage_total_ns,
+            memory_usage_bytes: r.memory_usage_bytes,
+            memory_limit_bytes: r.memory_limit_bytes,
+            pids_current: r.pids_current,
+        })
+    }
+
+    pub fn pause_container(&self, id: &str) -> Result<()> {
+        let req = proto::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.call("PauseContainer", self.call_timeout, |c, ctx| {
+            c.pause_container(ctx, &req)
+        })?;
+        Ok(())
+    }
+
+    pub fn resume_container(&self, id: &str) -> Result<()> {
+        let req = proto::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.call("ResumeContainer", self.call_timeout, |c, ctx| {
+            c.resume_container(ctx, &req)
+        })?;
+        Ok(())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        let req = proto::ContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        self.call("RemoveContainer", self.call_timeout, |c, ctx| {
+            c.remove_container(ctx, &req)
+        })?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,6 +128,7 @@ pub fn run(reaper: &Reaper, spec: Spec) -> Result<Outcome, String> {
             })
         }
     };
+    reaper.forget(pid);
     let _ = writer.join();
     let (stdout, stdout_truncated) = out
         .map(|t| t.join().unwrap_or_default())

@@ -193,6 +193,105 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// Env marker set when the agent re-executes itself after leaving the initramfs root.
+pub const SWITCHED_ENV: &str = "TANDEM_AGENT_SWITCHED_ROOT";
+
+/// Copy a directory tree (files, directories, symlinks; modes kept) from `src` into `dst`.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(src).map_err(io_err(format!("read dir {}", src.display())))? {
+        let entry = entry.map_err(io_err(format!("read dir {}", src.display())))?;
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        let meta =
+            std::fs::symlink_metadata(&from).map_err(io_err(format!("stat {}", from.display())))?;
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            let target = std::fs::read_link(&from)
+                .map_err(io_err(format!("readlink {}", from.display())))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(io_err(format!("symlink {}", to.display())))?;
+        } else if ft.is_dir() {
+            std::fs::create_dir(&to).map_err(io_err(format!("mkdir {}", to.display())))?;
+            copy_tree(&from, &to)?;
+            std::fs::set_permissions(
+                &to,
+                std::fs::Permissions::from_mode(meta.permissions().mode()),
+            )
+            .map_err(io_err(format!("chmod {}", to.display())))?;
+        } else if ft.is_file() {
+            std::fs::copy(&from, &to).map_err(io_err(format!(
+                "copy {} to {}",
+                from.display(),
+                to.display()
+            )))?;
+        }
+    }
+    Ok(())
+}
+
+/// Leave the initramfs root: the kernel's rootfs cannot be pivot_root'ed away from, which
+/// container creation needs. Copy the initramfs into a tmpfs, free the initramfs, make the tmpfs
+/// the root (MS_MOVE + chroot) and re-execute `/init` there. Returns only on error.
+pub fn switch_root_and_reexec() -> Result<std::convert::Infallible> {
+    let new = Path::new("/newroot");
+    std::fs::create_dir_all(new).map_err(io_err("mkdir /newroot"))?;
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| io_err("mount tmpfs on /newroot")(e.into()))?;
+    for entry in std::fs::read_dir("/")
+        .map_err(io_err("read dir /"))?
+        .flatten()
+    {
+        let name = entry.file_name();
+        if name == "newroot" {
+            continue;
+        }
+        let from = entry.path();
+        let to = new.join(&name);
+        let meta =
+            std::fs::symlink_metadata(&from).map_err(io_err(format!("stat {}", from.display())))?;
+        if meta.is_dir() {
+            std::fs::create_dir(&to).map_err(io_err(format!("mkdir {}", to.display())))?;
+            copy_tree(&from, &to)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                &to,
+                std::fs::Permissions::from_mode(meta.permissions().mode()),
+            )
+            .map_err(io_err(format!("chmod {}", to.display())))?;
+        } else if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&from)
+                .map_err(io_err(format!("readlink {}", from.display())))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(io_err(format!("symlink {}", to.display())))?;
+        } else {
+            std::fs::copy(&from, &to).map_err(io_err(format!("copy {}", from.display())))?;
+        }
+        // Free the initramfs copy (nothing is mounted below it yet).
+        let _ = if meta.is_dir() {
+            std::fs::remove_dir_all(&from)
+        } else {
+            std::fs::remove_file(&from)
+        };
+    }
+    std::env::set_current_dir(new).map_err(io_err("chdir /newroot"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| io_err("move /newroot to /")(e.into()))?;
+    nix::unistd::chroot(".").map_err(|e| io_err("chroot")(e.into()))?;
+    std::env::set_current_dir("/").map_err(io_err("chdir /"))?;
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("/init")
+        .env(SWITCHED_ENV, "1")
+        .exec();
+    Err(io_err("re-exec /init")(err))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +323,34 @@ mod tests {
     #[test]
     fn kernel_release_is_not_empty() {
         assert!(!kernel_release().is_empty());
+    }
+
+    #[test]
+    fn copy_tree_keeps_files_links_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("bin")).unwrap();
+        std::fs::write(src.join("bin/tool"), b"#!x").unwrap();
+        std::fs::set_permissions(src.join("bin/tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::os::unix::fs::symlink("tool", src.join("bin/alias")).unwrap();
+        let dst = t.path().join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        copy_tree(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("bin/tool")).unwrap(), b"#!x");
+        let mode = std::fs::metadata(dst.join("bin/tool"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_link(dst.join("bin/alias")).unwrap(),
+            Path::new("tool")
+        );
+        let err = copy_tree(Path::new("/nonexistent/src"), &dst)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/src"), "{err}");
     }
 }

@@ -7,12 +7,13 @@
 //! through the unix socket the VMM makes for that port, and distrusts every reply.
 //!
 //! Modules: `proto` (generated), `client` (host side), `server` (the API implementation),
-//! `command` (bounded command runs), `reaper` (SIGCHLD → exit statuses), `modules`
+//! `command` (bounded command runs), `containers` (the pod's containers with tandem-oci), `reaper` (SIGCHLD → exit statuses), `modules`
 //! (modules.dep + finit_module), `guest` (PID 1 setup, port discovery), `port` (the
 //! virtio-serial ↔ ttrpc socket bridge).
 
 pub mod client;
 pub mod command;
+pub mod containers;
 pub mod guest;
 pub mod modules;
 pub mod port;

@@ -1,18 +1,24 @@
 //! tandem-agent: /init of a tandem guest, or (with `--listen <socket>`) the same API served on a
 //! unix socket of the host, for tests and development.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tandem_agent::{guest, modules, port, reaper, server, PORT_NAME};
+use tandem_agent::{containers, guest, modules, port, reaper, server, PORT_NAME};
 
 /// Where the ttrpc server listens inside the guest; the port bridge connects to it.
 const GUEST_SOCKET: &str = "/run/tandem-agent.sock";
+/// Bundles and engine state of the pod's containers inside the guest.
+const GUEST_ROOT: &str = "/run/tandem";
 const MODULES_ROOT: &str = "/lib/modules";
 const PORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() {
+    // Re-executed by tandem-oci to become a container's init: nothing else may run first.
+    if std::env::args().nth(1).as_deref() == Some(tandem_oci::INIT_ARG) {
+        tandem_oci::init_main();
+    }
     let pid1 = std::process::id() == 1;
     if let Err(e) = run(pid1) {
         eprintln!("tandem-agent: fatal: {e:#}");
@@ -48,6 +54,9 @@ fn init_logging() {
 fn run(pid1: bool) -> anyhow::Result<()> {
     reaper::block_signals()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if pid1 && std::env::var_os(guest::SWITCHED_ENV).is_none() {
+        guest::switch_root_and_reexec().context("leave the initramfs root")?;
+    }
     if pid1 {
         guest::mount_pseudo_filesystems().context("mount pseudo filesystems")?;
         guest::attach_console().context("console")?;
@@ -70,14 +79,23 @@ fn run(pid1: bool) -> anyhow::Result<()> {
         let socket = PathBuf::from(GUEST_SOCKET);
         let _server = server::start(
             &socket,
-            server::Service::new(reaper, server::ShutdownMode::PowerOff),
+            server::Service::new(
+                reaper.clone(),
+                containers::Containers::new(
+                    Path::new(GUEST_ROOT),
+                    Path::new("/proc/self/exe"),
+                    Path::new("/sys/fs/cgroup"),
+                    reaper,
+                ),
+                server::ShutdownMode::PowerOff,
+            ),
         )?;
         tracing::info!(port = %port_path.display(), uptime = %uptime(), "serving the agent API");
         port::bridge(&port_path, &socket)?;
         bail!("port bridge ended")
     }
     match args.as_slice() {
-        [flag, socket] if flag == "--listen" => {
+        [flag, socket, root_flag, root] if flag == "--listen" && root_flag == "--root" => {
             init_logging();
             // Collect orphans of commands we run, as PID 1 would.
             nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
@@ -85,7 +103,16 @@ fn run(pid1: bool) -> anyhow::Result<()> {
             let socket = PathBuf::from(socket);
             let _server = server::start(
                 &socket,
-                server::Service::new(reaper, server::ShutdownMode::Exit),
+                server::Service::new(
+                    reaper.clone(),
+                    containers::Containers::new(
+                        Path::new(root),
+                        Path::new("/proc/self/exe"),
+                        Path::new("/sys/fs/cgroup"),
+                        reaper,
+                    ),
+                    server::ShutdownMode::Exit,
+                ),
             )?;
             tracing::info!(socket = %socket.display(), "serving the agent API");
             loop {

@@ -111,18 +111,15 @@ impl Reaper {
         self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wait for a tracked pid to exit, at most `timeout`. On success the pid is untracked.
+    /// Wait for a tracked pid to exit, at most `timeout`. The pid stays tracked (later waits see
+    /// the same status) until [`Reaper::forget`].
     pub fn wait(&self, pid: i32, timeout: Duration) -> Option<Exit> {
         let (lock, cvar) = &*self.inner;
         let deadline = Instant::now() + timeout;
         let mut table = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             match table.pids.get(&pid) {
-                Some(Some(exit)) => {
-                    let exit = *exit;
-                    table.pids.remove(&pid);
-                    return Some(exit);
-                }
+                Some(Some(exit)) => return Some(*exit),
                 Some(None) => {}
                 None => return None,
             }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use ttrpc::{Code, TtrpcContext};
 
 use crate::command;
+use crate::containers::{Containers, MountReq, VerbError};
 use crate::proto::{self, Agent};
 use crate::reaper::Reaper;
 
@@ -22,12 +23,42 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(50);
 
 pub struct Service {
     reaper: Reaper,
+    containers: Containers,
     shutdown: ShutdownMode,
 }
 
 impl Service {
-    pub fn new(reaper: Reaper, shutdown: ShutdownMode) -> Self {
-        Self { reaper, shutdown }
+    pub fn new(reaper: Reaper, containers: Containers, shutdown: ShutdownMode) -> Self {
+        Self {
+            reaper,
+            containers,
+            shutdown,
+        }
+    }
+
+    fn read_stream(
+        &self,
+        req: proto::ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<proto::ReadStreamResponse> {
+        let wait = match req.wait_ms {
+            0 => Duration::from_secs(1),
+            ms => Duration::from_millis(ms.min(5000).into()),
+        };
+        let max = if req.max_bytes == 0 {
+            64 * 1024
+        } else {
+            req.max_bytes as usize
+        };
+        let (data, eof) = self
+            .containers
+            .read(&req.container_id, &req.exec_id, stderr, max, wait)
+            .map_err(rpc)?;
+        Ok(proto::ReadStreamResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
     }
 }
 
@@ -38,9 +69,16 @@ fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
 fn unimplemented<T>(verb: &str) -> ttrpc::Result<T> {
     Err(status(
         Code::UNIMPLEMENTED,
-        format!("{verb}: not implemented by this agent yet (container verbs need tandem-oci in the guest)"),
+        format!("{verb}: not implemented by this agent yet"),
     ))
 }
+
+fn rpc(e: VerbError) -> ttrpc::Error {
+    status(e.code, e.msg)
+}
+
+/// Longest a WaitProcess call blocks a server thread.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 impl Agent for Service {
     fn version(
@@ -97,66 +135,136 @@ impl Agent for Service {
     fn create_container(
         &self,
         _: &TtrpcContext,
-        _: proto::CreateContainerRequest,
+        req: proto::CreateContainerRequest,
     ) -> ttrpc::Result<proto::CreateContainerResponse> {
-        unimplemented("CreateContainer")
+        tracing::info!(id = %req.container_id, "CreateContainer");
+        let rootfs: Vec<MountReq> = req
+            .rootfs
+            .iter()
+            .map(|m| MountReq {
+                fstype: m.type_.clone(),
+                source: m.source.clone(),
+                target: m.target.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.oci_spec_json, &rootfs, req.stdin)
+            .map_err(rpc)?;
+        Ok(proto::CreateContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
+
     fn start_container(
         &self,
         _: &TtrpcContext,
-        _: proto::ContainerRequest,
+        req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::StartContainerResponse> {
-        unimplemented("StartContainer")
+        let pid = self.containers.start(&req.container_id).map_err(rpc)?;
+        Ok(proto::StartContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
+
     fn exec_process(
         &self,
         _: &TtrpcContext,
-        _: proto::ExecProcessRequest,
+        req: proto::ExecProcessRequest,
     ) -> ttrpc::Result<proto::ExecProcessResponse> {
-        unimplemented("ExecProcess")
+        let pid = self
+            .containers
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.oci_process_json,
+                req.stdin,
+            )
+            .map_err(rpc)?;
+        Ok(proto::ExecProcessResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
+
     fn signal_process(
         &self,
         _: &TtrpcContext,
-        _: proto::SignalProcessRequest,
+        req: proto::SignalProcessRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("SignalProcess")
+        let signal = i32::try_from(req.signal).unwrap_or(i32::MAX);
+        self.containers
+            .signal(&req.container_id, &req.exec_id, signal, req.all)
+            .map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
+
     fn wait_process(
         &self,
-        _: &TtrpcContext,
-        _: proto::ProcessRequest,
+        ctx: &TtrpcContext,
+        req: proto::ProcessRequest,
     ) -> ttrpc::Result<proto::WaitProcessResponse> {
-        unimplemented("WaitProcess")
+        let timeout = if ctx.timeout_nano > 0 {
+            Duration::from_nanos(ctx.timeout_nano as u64)
+        } else {
+            MAX_WAIT
+        };
+        let (status, at) = self
+            .containers
+            .wait(&req.container_id, &req.exec_id, timeout.min(MAX_WAIT))
+            .map_err(rpc)?;
+        Ok(proto::WaitProcessResponse {
+            exit_status: status,
+            exited_at_unix_ns: at,
+            ..Default::default()
+        })
     }
+
     fn read_stdout(
         &self,
         _: &TtrpcContext,
-        _: proto::ReadStreamRequest,
+        req: proto::ReadStreamRequest,
     ) -> ttrpc::Result<proto::ReadStreamResponse> {
-        unimplemented("ReadStdout")
+        self.read_stream(req, false)
     }
+
     fn read_stderr(
         &self,
         _: &TtrpcContext,
-        _: proto::ReadStreamRequest,
+        req: proto::ReadStreamRequest,
     ) -> ttrpc::Result<proto::ReadStreamResponse> {
-        unimplemented("ReadStderr")
+        self.read_stream(req, true)
     }
+
     fn write_stdin(
         &self,
         _: &TtrpcContext,
-        _: proto::WriteStdinRequest,
+        req: proto::WriteStdinRequest,
     ) -> ttrpc::Result<proto::WriteStdinResponse> {
-        unimplemented("WriteStdin")
+        let n = self
+            .containers
+            .write_stdin(&req.container_id, &req.exec_id, &req.data)
+            .map_err(rpc)?;
+        Ok(proto::WriteStdinResponse {
+            written: n as u32,
+            ..Default::default()
+        })
     }
+
     fn close_stdin(
         &self,
         _: &TtrpcContext,
-        _: proto::ProcessRequest,
+        req: proto::ProcessRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("CloseStdin")
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
+
     fn resize_pty(
         &self,
         _: &TtrpcContext,
@@ -164,33 +272,58 @@ impl Agent for Service {
     ) -> ttrpc::Result<proto::Empty> {
         unimplemented("ResizePty")
     }
+
     fn stats(
         &self,
         _: &TtrpcContext,
-        _: proto::ContainerRequest,
+        req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::StatsResponse> {
-        unimplemented("Stats")
+        let s = self
+            .containers
+            .with("Stats", &req.container_id, |c| c.stats())
+            .map_err(rpc)?;
+        Ok(proto::StatsResponse {
+            cpu_usage_total_ns: s.cpu.usage_total_ns,
+            cpu_usage_user_ns: s.cpu.usage_user_ns,
+            cpu_usage_kernel_ns: s.cpu.usage_kernel_ns,
+            memory_usage_bytes: s.memory.usage_bytes,
+            memory_limit_bytes: s.memory.limit_bytes,
+            pids_current: s.pids.current,
+            pids_limit: s.pids.limit,
+            ..Default::default()
+        })
     }
+
     fn pause_container(
         &self,
         _: &TtrpcContext,
-        _: proto::ContainerRequest,
+        req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("PauseContainer")
+        self.containers
+            .with("PauseContainer", &req.container_id, |c| c.pause())
+            .map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
+
     fn resume_container(
         &self,
         _: &TtrpcContext,
-        _: proto::ContainerRequest,
+        req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("ResumeContainer")
+        self.containers
+            .with("ResumeContainer", &req.container_id, |c| c.resume())
+            .map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
+
     fn remove_container(
         &self,
         _: &TtrpcContext,
-        _: proto::ContainerRequest,
+        req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("RemoveContainer")
+        tracing::info!(id = %req.container_id, "RemoveContainer");
+        self.containers.remove(&req.container_id).map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: proto::ShutdownRequest) -> ttrpc::Result<proto::Empty> {
@@ -217,7 +350,11 @@ pub fn start(path: &std::path::Path, service: Service) -> crate::Result<ttrpc::S
             name: path.display().to_string(),
             msg: format!("ttrpc bind: {e}"),
         })?
-        .register_service(methods);
+        .register_service(methods)
+        // WaitProcess and ReadStdout/ReadStderr block a worker each: allow many.
+        .set_thread_count_min(2)
+        .set_thread_count_default(8)
+        .set_thread_count_max(256);
     server.start().map_err(|e| crate::Error::Port {
         name: path.display().to_string(),
         msg: format!("ttrpc start: {e}"),

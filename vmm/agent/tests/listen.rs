@@ -1,6 +1,8 @@
 //! The agent's API served on a host unix socket (`tandem-agent --listen`): the same server code
 //! as in the guest, without a VM, so it runs fast.
 
+mod common;
+
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -28,6 +30,8 @@ fn start_agent() -> Agent {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem-agent"))
         .arg("--listen")
         .arg(&socket)
+        .arg("--root")
+        .arg(dir.path().join("root"))
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -133,23 +137,68 @@ fn version_ping_and_commands() {
 }
 
 #[test]
-fn container_verbs_are_refused_as_unimplemented() {
+fn bad_container_requests_are_refused_and_leave_nothing() {
     let agent = start_agent();
     let c = connect(&agent.socket);
-    let raw = tandem_agent::proto::AgentClient::new(
-        ttrpc::Client::connect(&format!("unix://{}", agent.socket.display())).unwrap(),
-    );
-    let err = raw
-        .create_container(
-            ttrpc::context::with_timeout(5_000_000_000),
-            &Default::default(),
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("CreateContainer"), "{err}");
+    let spec = common::busybox_spec(&["/bin/busybox", "true"]);
+    let err = c
+        .create_container("../x", &spec, &[], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"../x\""), "{err}");
+    let err = c
+        .create_container("c1", b"{not json", &[], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("c1") && err.contains("config.json"), "{err}");
+    let bad_mount = tandem_agent::client::Mount {
+        fstype: "bind".into(),
+        source: "/nonexistent/rootfs".into(),
+        target: "rootfs".into(),
+        options: vec!["rbind".into()],
+    };
+    let err = c
+        .create_container("c1", &spec, &[bad_mount], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/rootfs"), "{err}");
+    let escaping = tandem_agent::client::Mount {
+        target: "../../etc".into(),
+        ..Default::default()
+    };
+    let err = c
+        .create_container("c1", &spec, &[escaping], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("../../etc"), "{err}");
+    let bundles = agent._dir.path().join("root/bundles");
+    let left: Vec<_> = std::fs::read_dir(&bundles)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let err = c
+        .wait_process("nope", "", Duration::from_secs(1))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope") && err.contains("not found"), "{err}");
     // The connection still works afterwards.
     c.ping(1).unwrap();
 }
 
+#[test]
+fn container_lifecycle_on_the_host() {
+    let agent = start_agent();
+    let c = connect(&agent.socket);
+    let rootfs = agent._dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let id = format!("tandem-agent-test-{}", std::process::id());
+    common::container_lifecycle(&c, &id, rootfs.to_str().unwrap());
+    let bundle = agent._dir.path().join("root/bundles").join(&id);
+    assert!(!bundle.exists(), "bundle {} left behind", bundle.display());
+    assert!(!agent._dir.path().join("root/state").join(&id).exists());
+}
 #[test]
 fn shutdown_ends_the_agent() {
     let mut agent = start_agent();

@@ -97,6 +97,41 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
     assert_eq!(out.stderr, b"oops");
     assert!(out.stderr_truncated);
 
+    // A container inside the guest, run by tandem-oci through the agent: its rootfs is a
+    // directory of the guest holding busybox, bind-mounted into the bundle by CreateContainer.
+    let prep = client
+        .run_command(&Command {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "mkdir -p /tmp/rootfs/bin /tmp/rootfs/proc && cp /bin/busybox /tmp/rootfs/bin/"
+                    .into(),
+            ],
+            ..Default::default()
+        })
+        .expect("prepare a rootfs in the guest");
+    assert_eq!(
+        prep.exit_code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
+    common::container_lifecycle(&client, "c1", "/tmp/rootfs");
+    let left = client
+        .run_command(&Command {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "ls /run/tandem/bundles /run/tandem/state; grep -c /run/tandem /proc/mounts".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("look for leftovers");
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout),
+        "/run/tandem/bundles:\n\n/run/tandem/state:\n0\n"
+    );
+
     client.shutdown().expect("shutdown");
     let status = qemu.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
         panic!(

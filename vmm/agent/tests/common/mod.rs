@@ -202,3 +202,147 @@ pub fn pid_alive(pid: u32) -> bool {
     // A reaped pid has no /proc entry (unless reused, unlikely within a test).
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// A minimal OCI spec running `args` with busybox in `rootfs` (pid, mount, ipc, uts namespaces).
+pub fn busybox_spec(args: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": args,
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_KILL", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_KILL", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_KILL", "CAP_SETUID", "CAP_SETGID"]
+            }
+        },
+        "root": { "path": "rootfs", "readonly": false },
+        "hostname": "tandem-c",
+        "mounts": [ { "destination": "/proc", "type": "proc", "source": "proc" } ],
+        "linux": {
+            "namespaces": [ { "type": "pid" }, { "type": "mount" }, { "type": "ipc" }, { "type": "uts" } ]
+        }
+    }))
+    .unwrap()
+}
+
+/// An OCI process object running `args`.
+pub fn busybox_process(args: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "terminal": false,
+        "user": { "uid": 0, "gid": 0 },
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    }))
+    .unwrap()
+}
+
+/// Everything a process wrote on stdout (or stderr) until EOF, within `timeout`.
+pub fn read_all(
+    c: &tandem_agent::client::AgentClient,
+    id: &str,
+    exec_id: &str,
+    stderr: bool,
+    timeout: Duration,
+) -> Vec<u8> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    loop {
+        let (data, eof) = c
+            .read_output(id, exec_id, stderr, 64 * 1024, Duration::from_millis(500))
+            .unwrap();
+        all.extend(data);
+        if eof {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no EOF within {timeout:?}; got {:?}",
+            String::from_utf8_lossy(&all)
+        );
+    }
+}
+
+/// The container lifecycle through the agent: create (rootfs bind-mounted from `rootfs_src`, a
+/// directory holding bin/busybox), start, stdin, stdout/stderr, exec, stats, pause/resume,
+/// kill, wait, remove. Returns after checking each step.
+pub fn container_lifecycle(c: &tandem_agent::client::AgentClient, id: &str, rootfs_src: &str) {
+    use tandem_agent::client::Mount;
+    let t = Duration::from_secs(20);
+    let spec = busybox_spec(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "read x; echo \"got $x in $(hostname)\"; echo err >&2; exec /bin/busybox sleep 600",
+    ]);
+    let rootfs = [Mount {
+        fstype: "bind".into(),
+        source: rootfs_src.into(),
+        target: "rootfs".into(),
+        options: vec!["rbind".into()],
+    }];
+    let pid = c
+        .create_container(id, &spec, &rootfs, true)
+        .expect("CreateContainer");
+    assert!(pid > 1);
+    // A second create with the same id is refused.
+    let err = c
+        .create_container(id, &spec, &rootfs, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(id) && err.contains("exists"), "{err}");
+    assert_eq!(c.start_container(id).expect("StartContainer"), pid);
+    c.write_stdin(id, "", b"world\n").expect("WriteStdin");
+    c.close_stdin(id, "").expect("CloseStdin");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + t;
+    while !out.ends_with(b"\n") {
+        let (d, eof) = c
+            .read_output(id, "", false, 4096, Duration::from_millis(500))
+            .unwrap();
+        out.extend(d);
+        assert!(
+            !eof && Instant::now() < deadline,
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "got world in tandem-c\n");
+
+    // An exec in the same container: same pid namespace (its init is pid 1 there).
+    let p = busybox_process(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo exec: $(tr '\\0' ' ' < /proc/1/cmdline); exit 3",
+    ]);
+    c.exec_process(id, "e1", &p, false).expect("ExecProcess");
+    assert_eq!(
+        c.wait_process(id, "e1", t)
+            .expect("WaitProcess exec")
+            .status,
+        3
+    );
+    assert_eq!(
+        read_all(c, id, "e1", false, t),
+        b"exec: /bin/busybox sleep 600\n"
+    );
+
+    let s = c.stats(id).expect("Stats");
+    assert!(s.pids_current >= 1, "{s:?}");
+    c.pause_container(id).expect("PauseContainer");
+    c.resume_container(id).expect("ResumeContainer");
+
+    c.signal_process(id, "", 9, false).expect("SignalProcess");
+    let exit = c.wait_process(id, "", t).expect("WaitProcess");
+    assert_eq!(exit.status, 137);
+    assert!(exit.exited_at_unix_ns > 0);
+    assert_eq!(read_all(c, id, "", true, t), b"err\n");
+    c.remove_container(id).expect("RemoveContainer");
+    let err = c.start_container(id).unwrap_err().to_string();
+    assert!(err.contains("not found"), "{err}");
+}

@@ -1,0 +1,626 @@
+//! The pod's containers inside the guest, run with tandem-oci. One [`Containers`] per agent.
+//!
+//! Layout in the guest: bundles under `/run/tandem/bundles/<id>` (config.json + the rootfs mounts
+//! the host asked for), engine state under `/run/tandem/state`. Every process (a container's init
+//! or an exec) gets stdout/stderr pipes drained into bounded buffers the host pulls with
+//! ReadStdout/ReadStderr (a full buffer stops the reader, so a container that writes faster than
+//! the host reads is slowed down, not allowed to fill guest memory), and an optional stdin pipe.
+//! Exit statuses come from the agent's reaper (the engine requires its caller to reap).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use tandem_oci::{CreateRequest, Engine, EngineConfig, Stdio};
+
+use crate::reaper::{Exit, Reaper};
+
+/// Bytes buffered per stream before the reader stops draining the pipe.
+pub const STREAM_BUFFER: usize = 1024 * 1024;
+/// Largest single read the host may ask for.
+pub const MAX_READ: usize = 1024 * 1024;
+
+/// An error for the RPC status: a code and a message naming the thing.
+#[derive(Debug)]
+pub struct VerbError {
+    pub code: ttrpc::Code,
+    pub msg: String,
+}
+
+fn verr(code: ttrpc::Code, msg: impl Into<String>) -> VerbError {
+    VerbError {
+        code,
+        msg: msg.into(),
+    }
+}
+
+fn engine_err(verb: &str, id: &str, e: tandem_oci::Error) -> VerbError {
+    let code = match &e {
+        tandem_oci::Error::Exists(_) => ttrpc::Code::ALREADY_EXISTS,
+        tandem_oci::Error::NotFound(_) => ttrpc::Code::NOT_FOUND,
+        tandem_oci::Error::Spec { .. } | tandem_oci::Error::Bundle { .. } => {
+            ttrpc::Code::INVALID_ARGUMENT
+        }
+        _ => ttrpc::Code::INTERNAL,
+    };
+    verr(code, format!("{verb} {id}: {e}"))
+}
+
+type VResult<T> = Result<T, VerbError>;
+
+/// A bounded byte buffer filled by a reader thread.
+#[derive(Default)]
+pub struct Stream {
+    inner: Mutex<(VecDeque<u8>, bool)>,
+    cv: Condvar,
+}
+
+impl Stream {
+    fn spawn_reader(self: &Arc<Self>, mut pipe: File) {
+        let s = Arc::clone(self);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => 0,
+                };
+                let mut g = s.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if n == 0 {
+                    g.1 = true;
+                    s.cv.notify_all();
+                    return;
+                }
+                while g.0.len() >= STREAM_BUFFER {
+                    g = s.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                g.0.extend(&buf[..n]);
+                s.cv.notify_all();
+            }
+        });
+    }
+
+    /// Up to `max` bytes, waiting at most `wait` for some; `(data, eof)`.
+    pub fn read(&self, max: usize, wait: Duration) -> (Vec<u8>, bool) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, wait, |(q, eof)| q.is_empty() && !*eof)
+            .unwrap_or_else(|p| p.into_inner());
+        let n = max.min(g.0.len());
+        let data: Vec<u8> = g.0.drain(..n).collect();
+        let eof = g.1 && g.0.is_empty();
+        self.cv.notify_all();
+        (data, eof)
+    }
+}
+
+struct Proc {
+    pid: i32,
+    stdin: Mutex<Option<File>>,
+    stdout: Arc<Stream>,
+    stderr: Arc<Stream>,
+    exit: Mutex<Option<(Exit, i64)>>,
+}
+
+struct Entry {
+    container: tandem_oci::Container,
+    bundle: PathBuf,
+    mounts: Vec<PathBuf>,
+    init: Arc<Proc>,
+    execs: HashMap<String, Arc<Proc>>,
+}
+
+/// A rootfs mount requested by the host.
+#[derive(Debug, Clone)]
+pub struct MountReq {
+    pub fstype: String,
+    pub source: String,
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+pub struct Containers {
+    engine: Engine,
+    bundles: PathBuf,
+    reaper: Reaper,
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+fn validate_id(kind: &str, id: &str) -> VResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(verr(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("{kind} {id:?}: must be 1-128 of [A-Za-z0-9_.-], not starting with '.'"),
+        ))
+    }
+}
+
+/// Mount flags and remaining data options of a mount's option list.
+fn parse_options(opts: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in opts {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => {}
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// `rel` as a path inside `base`: relative, no `..`.
+fn inside(base: &Path, rel: &str) -> VResult<PathBuf> {
+    let p = Path::new(rel);
+    if rel.is_empty()
+        || p.is_absolute()
+        || p.components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(verr(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("mount target {rel:?}: must be a relative path without '..'"),
+        ));
+    }
+    Ok(base.join(p))
+}
+
+fn pipe() -> VResult<(File, File)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| verr(ttrpc::Code::INTERNAL, format!("pipe: {e}")))?;
+    Ok((File::from(r), File::from(w)))
+}
+
+/// Pipes for a process: the engine's Stdio and our ends.
+fn make_stdio(stdin: bool) -> VResult<(Stdio, Option<File>, File, File)> {
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (stdin_fd, stdin_w) = if stdin {
+        let (r, w) = pipe()?;
+        (Some(OwnedFd::from(r)), Some(w))
+    } else {
+        (None, None)
+    };
+    let stdio = Stdio {
+        stdin: stdin_fd,
+        stdout: Some(OwnedFd::from(out_w)),
+        stderr: Some(OwnedFd::from(err_w)),
+    };
+    Ok((stdio, stdin_w, out_r, err_r))
+}
+
+fn new_proc(pid: i32, stdin: Option<File>, out: File, err: File) -> Arc<Proc> {
+    let p = Arc::new(Proc {
+        pid,
+        stdin: Mutex::new(stdin),
+        stdout: Arc::default(),
+        stderr: Arc::default(),
+        exit: Mutex::new(None),
+    });
+    p.stdout.spawn_reader(out);
+    p.stderr.spawn_reader(err);
+    p
+}
+
+impl Containers {
+    /// `root` is normally `/run/tandem`; `init_exe` the agent itself (`/proc/self/exe`).
+    pub fn new(root: &Path, init_exe: &Path, cgroup_root: &Path, reaper: Reaper) -> Self {
+        let mut cfg = EngineConfig::new(root.join("state"), init_exe);
+        cfg.cgroup_root = cgroup_root.to_path_buf();
+        Self {
+            engine: Engine::new(cfg),
+            bundles: root.join("bundles"),
+            reaper,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn proc_of(&self, id: &str, exec_id: &str) -> VResult<Arc<Proc>> {
+        let entries = self.entries();
+        let e = entries
+            .get(id)
+            .ok_or_else(|| verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found")))?;
+        if exec_id.is_empty() {
+            return Ok(Arc::clone(&e.init));
+        }
+        e.execs.get(exec_id).cloned().ok_or_else(|| {
+            verr(
+                ttrpc::Code::NOT_FOUND,
+                format!("container {id}: exec {exec_id}: not found"),
+            )
+        })
+    }
+
+    /// Make the bundle (rootfs mounts + config.json) and create the container; its process
+    /// waits for StartContainer. On error nothing is left (mounts, bundle dir, engine state).
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[MountReq],
+        stdin: bool,
+    ) -> VResult<i32> {
+        validate_id("container", id)?;
+        if self.entries().contains_key(id) {
+            return Err(verr(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {id}: already exists"),
+            ));
+        }
+        let spec: tandem_oci::Spec = serde_json::from_slice(spec_json).map_err(|e| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: config.json: {e}"),
+            )
+        })?;
+        let bundle = self.bundles.join(id);
+        std::fs::create_dir_all(&self.bundles).map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("mkdir {}: {e}", self.bundles.display()),
+            )
+        })?;
+        std::fs::create_dir(&bundle).map_err(|e| {
+            verr(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("bundle {}: {e}", bundle.display()),
+            )
+        })?;
+        let mut mounts = Vec::new();
+        let result = (|| {
+            for m in rootfs {
+                let target = inside(&bundle, &m.target)?;
+                std::fs::create_dir_all(&target).map_err(|e| {
+                    verr(
+                        ttrpc::Code::INTERNAL,
+                        format!("mkdir {}: {e}", target.display()),
+                    )
+                })?;
+                let (flags, data) = parse_options(&m.options);
+                let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
+                mount(
+                    Some(m.source.as_str()),
+                    &target,
+                    fstype,
+                    flags,
+                    (!data.is_empty()).then_some(data.as_str()),
+                )
+                .map_err(|e| {
+                    verr(
+                        ttrpc::Code::INVALID_ARGUMENT,
+                        format!(
+                            "container {id}: mount {} {} on {}: {e}",
+                            m.fstype,
+                            m.source,
+                            target.display()
+                        ),
+                    )
+                })?;
+                mounts.push(target);
+            }
+            let config = serde_json::to_vec(&spec).map_err(|e| {
+                verr(
+                    ttrpc::Code::INTERNAL,
+                    format!("container {id}: serialize spec: {e}"),
+                )
+            })?;
+            std::fs::write(bundle.join("config.json"), config).map_err(|e| {
+                verr(
+                    ttrpc::Code::INTERNAL,
+                    format!("write {}/config.json: {e}", bundle.display()),
+                )
+            })?;
+            let (stdio, stdin_w, out_r, err_r) = make_stdio(stdin)?;
+            let (container, spawned) = {
+                let mut table = self.reaper.lock();
+                let (c, s) = self
+                    .engine
+                    .create(CreateRequest {
+                        id,
+                        bundle: &bundle,
+                        stdio,
+                    })
+                    .map_err(|e| engine_err("CreateContainer", id, e))?;
+                table.track(s.pid);
+                (c, s)
+            };
+            Ok((
+                container,
+                spawned.pid,
+                new_proc(spawned.pid, stdin_w, out_r, err_r),
+            ))
+        })();
+        match result {
+            Ok((container, pid, init)) => {
+                self.entries().insert(
+                    id.to_string(),
+                    Entry {
+                        container,
+                        bundle,
+                        mounts,
+                        init,
+                        execs: HashMap::new(),
+                    },
+                );
+                Ok(pid)
+            }
+            Err(e) => {
+                unmount_all(&mounts);
+                let _ = std::fs::remove_dir_all(&bundle);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn start(&self, id: &str) -> VResult<i32> {
+        let entries = self.entries();
+        let e = entries
+            .get(id)
+            .ok_or_else(|| verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found")))?;
+        e.container
+            .start()
+            .map_err(|err| engine_err("StartContainer", id, err))?;
+        Ok(e.init.pid)
+    }
+
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdin: bool) -> VResult<i32> {
+        validate_id("exec", exec_id)?;
+        let process: tandem_oci::Process = serde_json::from_slice(process_json).map_err(|e| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: exec {exec_id}: process: {e}"),
+            )
+        })?;
+        let mut entries = self.entries();
+        let e = entries
+            .get_mut(id)
+            .ok_or_else(|| verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found")))?;
+        if e.execs.contains_key(exec_id) {
+            return Err(verr(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {id}: exec {exec_id}: already exists"),
+            ));
+        }
+        let (stdio, stdin_w, out_r, err_r) = make_stdio(stdin)?;
+        let spawned = {
+            let mut table = self.reaper.lock();
+            let s = e
+                .container
+                .exec(exec_id, &process, stdio)
+                .map_err(|err| engine_err("ExecProcess", id, err))?;
+            table.track(s.pid);
+            s
+        };
+        e.execs.insert(
+            exec_id.to_string(),
+            new_proc(spawned.pid, stdin_w, out_r, err_r),
+        );
+        Ok(spawned.pid)
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> VResult<()> {
+        if !(1..=64).contains(&signal) {
+            return Err(verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("signal {signal}: out of range"),
+            ));
+        }
+        if exec_id.is_empty() {
+            let entries = self.entries();
+            let e = entries.get(id).ok_or_else(|| {
+                verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found"))
+            })?;
+            return e
+                .container
+                .kill(signal, all)
+                .map_err(|err| engine_err("SignalProcess", id, err));
+        }
+        let p = self.proc_of(id, exec_id)?;
+        if p.exit.lock().unwrap_or_else(|x| x.into_inner()).is_some() {
+            return Err(verr(
+                ttrpc::Code::NOT_FOUND,
+                format!("container {id}: exec {exec_id}: already exited"),
+            ));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::try_from(signal).map_err(|e| {
+                verr(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("signal {signal}: {e}"),
+                )
+            })?,
+        )
+        .map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("container {id}: exec {exec_id}: kill: {e}"),
+            )
+        })
+    }
+
+    /// Exit status (code or 128+signal) and time; waits at most `timeout`.
+    pub fn wait(&self, id: &str, exec_id: &str, timeout: Duration) -> VResult<(i32, i64)> {
+        let p = self.proc_of(id, exec_id)?;
+        if let Some((exit, at)) = *p.exit.lock().unwrap_or_else(|x| x.into_inner()) {
+            return Ok((exit.status(), at));
+        }
+        let exit = self.reaper.wait(p.pid, timeout).ok_or_else(|| {
+            verr(
+                ttrpc::Code::DEADLINE_EXCEEDED,
+                format!(
+                    "container {id}: process {} still running after {timeout:?}",
+                    p.pid
+                ),
+            )
+        })?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let mut slot = p.exit.lock().unwrap_or_else(|x| x.into_inner());
+        let (exit, at) = *slot.get_or_insert((exit, at));
+        Ok((exit.status(), at))
+    }
+
+    pub fn read(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+        max: usize,
+        wait: Duration,
+    ) -> VResult<(Vec<u8>, bool)> {
+        let p = self.proc_of(id, exec_id)?;
+        let s = if stderr { &p.stderr } else { &p.stdout };
+        Ok(s.read(max.clamp(1, MAX_READ), wait))
+    }
+
+    pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> VResult<usize> {
+        let p = self.proc_of(id, exec_id)?;
+        let mut g = p.stdin.lock().unwrap_or_else(|x| x.into_inner());
+        let w = g.as_mut().ok_or_else(|| {
+            verr(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {id}: no stdin open"),
+            )
+        })?;
+        w.write_all(data).map_err(|e| {
+            verr(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("container {id}: write stdin: {e}"),
+            )
+        })?;
+        Ok(data.len())
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> VResult<()> {
+        let p = self.proc_of(id, exec_id)?;
+        p.stdin.lock().unwrap_or_else(|x| x.into_inner()).take();
+        Ok(())
+    }
+
+    pub fn with<T>(
+        &self,
+        verb: &str,
+        id: &str,
+        f: impl FnOnce(&tandem_oci::Container) -> tandem_oci::Result<T>,
+    ) -> VResult<T> {
+        let entries = self.entries();
+        let e = entries
+            .get(id)
+            .ok_or_else(|| verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found")))?;
+        f(&e.container).map_err(|err| engine_err(verb, id, err))
+    }
+
+    /// Delete the container (the engine kills what is left), unmount its rootfs, remove the bundle.
+    pub fn remove(&self, id: &str) -> VResult<()> {
+        let mut entries = self.entries();
+        let e = entries
+            .get(id)
+            .ok_or_else(|| verr(ttrpc::Code::NOT_FOUND, format!("container {id}: not found")))?;
+        e.container
+            .delete()
+            .map_err(|err| engine_err("RemoveContainer", id, err))?;
+        let e = entries.remove(id).expect("present above");
+        self.reaper.forget(e.init.pid);
+        for p in e.execs.values() {
+            self.reaper.forget(p.pid);
+        }
+        unmount_all(&e.mounts);
+        std::fs::remove_dir_all(&e.bundle).map_err(|err| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("remove {}: {err}", e.bundle.display()),
+            )
+        })
+    }
+}
+
+fn unmount_all(mounts: &[PathBuf]) {
+    for m in mounts.iter().rev() {
+        if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
+            tracing::warn!("umount {}: {e}", m.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("container", "abc-1_2.x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            let e = validate_id("container", bad).unwrap_err();
+            assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT);
+        }
+    }
+
+    #[test]
+    fn mount_targets_stay_inside() {
+        let b = Path::new("/run/tandem/bundles/c1");
+        assert_eq!(inside(b, "rootfs").unwrap(), b.join("rootfs"));
+        for bad in ["", "/etc", "../x", "rootfs/../../x", "./rootfs"] {
+            assert!(inside(b, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let (f, d) = parse_options(&[
+            "ro".into(),
+            "lowerdir=/a:/b".into(),
+            "nodev".into(),
+            "upperdir=/u".into(),
+        ]);
+        assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NODEV));
+        assert_eq!(d, "lowerdir=/a:/b,upperdir=/u");
+    }
+
+    #[test]
+    fn stream_is_bounded_and_reports_eof() {
+        let (r, mut w) = pipe().unwrap();
+        let s: Arc<Stream> = Arc::default();
+        s.spawn_reader(r);
+        w.write_all(b"hello world").unwrap();
+        drop(w);
+        let (d, _) = s.read(5, Duration::from_secs(5));
+        assert_eq!(d, b"hello");
+        let mut rest = Vec::new();
+        loop {
+            let (d, eof) = s.read(100, Duration::from_secs(5));
+            rest.extend(d);
+            if eof {
+                break;
+            }
+        }
+        assert_eq!(rest, b" world");
+    }
+}
