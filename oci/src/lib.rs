@@ -29,9 +29,39 @@
 //! // after a crash of the caller: engine.load(id)?.delete()?
 //! ```
 
-// Module layout (one concern per file): error, spec (load + validate), state (on disk),
-// namespaces, rootfs, devices, capabilities, seccomp, rlimits, cgroups/{mod,v1,v2,hybrid},
-// process (spawn + sync channel), init (the code run in the re-executed child), tty.
+//!
+//! # How it works
+//! * `create` validates `config.json` ([`spec`]), writes `<state_root>/<id>/state.json`
+//!   ([`state`]) and an exec fifo there, makes the cgroup(s) and applies the resources
+//!   ([`cgroups`]), then spawns `init_exe INIT_ARG` with a SOCK_SEQPACKET socketpair and a memfd
+//!   holding its configuration. The engine moves the init into the cgroups and lets it go.
+//! * The init joins (`setns`) and creates (`unshare`) the namespaces (a new user namespace asks
+//!   the engine to write its uid/gid maps), then forks with `CLONE_PARENT`: the container
+//!   process is pid 1 of the new pid namespace and a direct child of the caller. The intermediate
+//!   reports that pid and exits.
+//! * The container process sets up the rootfs ([`rootfs`]: mounts, devices, pivot_root, masked
+//!   and read-only paths), the pty, hostname, sysctls, rlimits, no_new_privs, seccomp
+//!   ([`seccomp`]), user, capabilities, cwd, resolves the program in `PATH`, reports ready, then
+//!   blocks opening the exec fifo for writing. [`Container::start`] (any process) opens it for
+//!   reading; the container execs. Errors before that come back as [`Error::Init`].
+//! * `exec` spawns the init the same way; it joins `/proc/<pid>/ns/*` of the container's init,
+//!   forks into the pid namespace and execs at once; exec errors come back synchronously.
+//!
+//! Cgroups: v1, pure v2 and hybrid (v1 controllers plus `unified` cgroup2 with e.g. hugetlb),
+//! cgroupfs-style paths only. On v2 the device rules are an eBPF program
+//! ([`cgroups::devices_bpf`]), attached at create (update does not replace it).
+//!
+//! Not supported (ignored with a warning): hooks, intelRdt, personality, process.scheduler and
+//! ioPriority; apparmor and selinux labels are ignored. Rejected with an error: systemd cgroup
+//! paths, idmapped mounts, `SCMP_ACT_NOTIFY`.
+//!
+//! The crate ships `tandem-oci-init`, a minimal binary that only calls [`init_main`]; its
+//! integration tests use it as `init_exe`.
+
+// Module layout (one concern per file): spec (load + validate), state (on disk), cgroups/{mod,
+// v1, v2, devices_bpf}, rootfs (mounts, devices, pivot_root), capabilities, seccomp, sync
+// (socket protocol), process (engine side of spawn), init (the re-executed child: namespaces,
+// tty, rlimits, user, exec), container (Engine and Container methods).
 
 mod capabilities;
 pub mod cgroups;

@@ -155,6 +155,7 @@ pub fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, String, bool) {
                 continue;
             }
             // runtime-only options that are not mount data
+            // idmap/ridmap are rejected by spec validation
             "tmpcopyup" | "idmap" | "ridmap" | "defaults" => continue,
             other => {
                 data.push(other.to_string());

@@ -145,8 +145,36 @@ pub fn validate(spec: &Spec) -> Result<()> {
             }
         }
     }
+    if let Some(linux) = spec.linux() {
+        if linux.intel_rdt().is_some() {
+            tracing::warn!("config.json: linux.intelRdt is not supported and is ignored");
+        }
+        if linux.personality().is_some() {
+            tracing::warn!("config.json: linux.personality is not supported and is ignored");
+        }
+    }
+    if process.scheduler().is_some() || process.io_priority().is_some() {
+        tracing::warn!(
+            "config.json: process.scheduler / process.ioPriority are not supported and are ignored"
+        );
+    }
     if let Some(mounts) = spec.mounts() {
         for (i, m) in mounts.iter().enumerate() {
+            let idmap = m.uid_mappings().is_some()
+                || m.gid_mappings().is_some()
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "idmap" || o == "ridmap");
+            if idmap {
+                return Err(spec_err(
+                    format!("mounts[{i}]"),
+                    format!(
+                        "{}: idmapped mounts are not supported",
+                        m.destination().display()
+                    ),
+                ));
+            }
             if !m.destination().is_absolute() {
                 return Err(spec_err(
                     format!("mounts[{i}].destination"),
@@ -331,6 +359,27 @@ mod tests {
             e.contains("linux.cgroupsPath") && e.contains("systemd"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn idmapped_mount_is_rejected() {
+        let t = with(
+            |v| v["mounts"] = serde_json::json!([{"destination":"/data","type":"bind","source":"/tmp","options":["rbind","idmap"]}]),
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("mounts[0]") && e.contains("idmapped"), "{e}");
+    }
+
+    #[test]
+    fn relative_mount_destination_is_rejected() {
+        let t = with(|v| {
+            v["mounts"] =
+                serde_json::json!([{"destination":"data","type":"tmpfs","source":"tmpfs"}])
+        });
+        assert!(parse(&t)
+            .unwrap_err()
+            .to_string()
+            .contains("mounts[0].destination"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct State {
     pub rootfs: PathBuf,
     /// Host pid of the container's init; 0 while it is being made.
     pub pid: i32,
-    /// Field 22 of /proc/<pid>/stat, to tell a reused pid from ours.
+    /// Field 22 of `/proc/<pid>/stat`, to tell a reused pid from ours.
     pub pid_start_time: u64,
     /// The cgroup root used and the relative path of the container's cgroup.
     pub cgroup_root: PathBuf,
@@ -77,7 +77,7 @@ impl State {
     }
 }
 
-/// Start time (field 22 of /proc/<pid>/stat) and state letter of a process, if it exists.
+/// Start time (field 22 of `/proc/<pid>/stat`) and state letter of a process, if it exists.
 pub fn proc_start_time(pid: i32) -> Option<(u64, char)> {
     if pid <= 0 {
         return None;

@@ -183,7 +183,7 @@ pub struct Cgroup {
     pub rel: String,
 }
 
-/// The relative cgroup path for a container: `linux.cgroupsPath` or "/tandem/<id>".
+/// The relative cgroup path for a container: `linux.cgroupsPath` or `/tandem/<id>`.
 pub fn rel_path(cgroups_path: Option<&Path>, id: &str) -> String {
     let p = cgroups_path
         .map(|p| p.to_string_lossy().into_owned())
