@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 machine for tandem: system packages, then a release build of the shim.
+# Idempotent; run as root. Installs nothing into the host's containerd configuration (the
+# tests, demo and benchmark start their own private containerd).
+#
+#   sudo deploy/setup.sh            # packages + cargo build --release -p tandem-shim
+#   TANDEM_SKIP_BUILD=1 deploy/setup.sh   # packages only
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (sudo $0)" >&2
+    exit 1
+fi
+
+# What tandem, its tests, demo and benchmark use:
+#   containerd (+ctr, containerd-shim-runc-v2), runc, crun   container runtimes to drive/compare
+#   busybox-static                                            the test/demo image
+#   containernetworking-plugins, iproute2                     CNI + netns for pod networking
+#   libseccomp-dev, pkg-config, gcc, libc6-dev, make         building the shim (libseccomp)
+#   protobuf-compiler                                         ttrpc/agent protocol code generation
+#   erofs-utils, cpio, lz4, qemu-system-x86                   microVM guest images and boot tests
+#   jq, tar, gzip, coreutils                                  the image builder (deploy/images)
+#   util-linux, bsdutils, procps                              script(1), mount tools, ps
+#   git, ca-certificates                                      cargo fetching from crates.io
+packages=(
+    containerd runc crun busybox-static containernetworking-plugins iproute2
+    libseccomp-dev pkg-config gcc libc6-dev make protobuf-compiler
+    erofs-utils cpio lz4 qemu-system-x86 jq tar gzip coreutils
+    util-linux bsdutils procps git ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    [ "$st" = installed ] || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+else
+    echo "setup.sh: all ${#packages[@]} packages present"
+fi
+
+if [ "${TANDEM_SKIP_BUILD:-0}" = 1 ]; then
+    exit 0
+fi
+
+# Rust: the stable toolchain must already be installed (rustup is not reachable here).
+if ! command -v cargo >/dev/null 2>&1; then
+    for d in "${SUDO_USER:+$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo/bin}" /root/.cargo/bin; do
+        [ -n "$d" ] && [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+    done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup.sh: cargo not found; install a stable Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+
+cd "$repo"
+cargo build --release -p tandem-shim
+echo "setup.sh: built $repo/target/release/containerd-shim-tandem-v2"
