@@ -811,3 +811,69 @@ fn create_start_exit_latency() {
     );
     assert!(median < Duration::from_millis(500), "median {median:?}");
 }
+
+/// The pure cgroup v2 code path on the real kernel: the hybrid layout's cgroup2 mount used as the
+/// cgroup root (on a pure v2 host, the root itself). Freezer through cgroup.freeze, device rules
+/// through the eBPF filter, the cgroup2 mount inside the container.
+#[test]
+fn pure_v2_code_path() {
+    let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.controllers").exists())
+        .expect("a cgroup2 mount");
+    let mut f = Fixture::new(
+        "v2",
+        &[
+            "sh",
+            "-c",
+            "head -c 1 /dev/null && echo null-ok; cat /dev/kmsg || echo kmsg-denied; \
+                        cat /sys/fs/cgroup/cgroup.controllers >/dev/null && echo cg2; sleep 100",
+        ],
+        |c| {
+            c["linux"]["devices"] = json!([{"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11, "fileMode": 420}]);
+            c["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
+        },
+    );
+    let mut ec = f.engine.config().clone();
+    ec.cgroup_root = root.clone();
+    f.engine = Engine::new(ec);
+    let (mut out, pid) = f.create_piped().unwrap();
+    let dir = root.join("tandem-test").join(&f.id);
+    assert!(fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap()
+        .contains(&pid.to_string()));
+    f.c().start().unwrap();
+    // wait for the script to reach sleep
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sleeping = |c: &Container| {
+        c.pids().unwrap().iter().any(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|s| s.trim() == "sleep")
+        })
+    };
+    while !sleeping(f.c()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(sleeping(f.c()), "script did not reach sleep");
+    f.c().pause().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Paused);
+    assert!(fs::read_to_string(dir.join("cgroup.events"))
+        .unwrap()
+        .contains("frozen 1"));
+    f.c().resume().unwrap();
+    assert_eq!(f.c().status().unwrap(), Status::Running);
+    f.c().kill(libc::SIGKILL, true).unwrap();
+    assert!(libc::WIFSIGNALED(wait(pid)));
+    let mut s = String::new();
+    out.read_to_string(&mut s).unwrap();
+    assert_eq!(
+        s.lines()
+            .filter(|l| !l.starts_with("cat:"))
+            .collect::<Vec<_>>(),
+        ["null-ok", "kmsg-denied", "cg2"],
+        "{s}"
+    );
+    assert!(s.contains("Operation not permitted"), "{s}");
+    f.container.take().unwrap().delete().unwrap();
+    assert!(!dir.exists());
+}
