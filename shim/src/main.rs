@@ -1,6 +1,24 @@
-//! containerd-shim-tandem-v2
+//! containerd-shim-tandem-v2: the containerd shim v2 of tandem pods.
+
+mod bootstrap;
+mod config;
+mod events;
+mod io;
+mod pod;
+mod reaper;
+mod rootfs;
+mod service;
+mod state;
+mod stats;
+mod update;
+
 fn main() {
+    // The engine re-executes this binary as a container's init: nothing may run before this.
     if std::env::args().nth(1).as_deref() == Some(tandem_oci::INIT_ARG) {
         tandem_oci::init_main();
+    }
+    if let Err(e) = bootstrap::main() {
+        eprintln!("containerd-shim-tandem-v2: {e:#}");
+        std::process::exit(1);
     }
 }

@@ -1,0 +1,220 @@
+//! Task events to containerd, in order, over its ttrpc Events service (`TTRPC_ADDRESS`).
+//! One task forwards them one at a time, reconnecting after a failure; at shutdown the queue is
+//! drained (bounded) so that the last TaskDelete/TaskExit are not lost.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+    TaskPaused, TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageFull};
+use containerd_shim::protos::shim::event::Envelope;
+use containerd_shim::protos::shim::events::ForwardRequest;
+use containerd_shim::protos::shim_async::{Client, EventsClient};
+use containerd_shim::protos::ttrpc::context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+fn pack(ev: &dyn MessageDyn) -> Option<Any> {
+    Some(Any {
+        type_url: ev.descriptor_dyn().full_name().to_string(),
+        value: ev.write_to_bytes_dyn().ok()?,
+        ..Default::default()
+    })
+}
+
+struct Item {
+    topic: String,
+    event: Any,
+    at: SystemTime,
+}
+
+/// The ordered event queue of the shim.
+pub struct Publisher {
+    tx: Option<mpsc::UnboundedSender<Item>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    pub fn start(ttrpc_address: String, namespace: String) -> Publisher {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(forward(ttrpc_address, namespace, rx));
+        Publisher {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn publish<E: Event + MessageFull>(&self, ev: E) {
+        let topic = ev.topic();
+        let Some(event) = pack(&ev) else {
+            tracing::warn!(topic, "could not encode event");
+            return;
+        };
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Item {
+                topic,
+                event,
+                at: SystemTime::now(),
+            });
+        }
+    }
+
+    /// Stop taking events and give the queue up to `limit` to drain.
+    pub async fn close(&mut self, limit: Duration) {
+        self.tx.take();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(limit, t).await;
+        }
+    }
+}
+
+async fn connect(address: &str) -> Option<EventsClient> {
+    let addr = if address.starts_with('/') {
+        format!("unix://{address}")
+    } else {
+        address.to_string()
+    };
+    match Client::connect(&addr).await {
+        Ok(c) => Some(EventsClient::new(c)),
+        Err(e) => {
+            tracing::warn!("connect to containerd events at {address}: {e}");
+            None
+        }
+    }
+}
+
+async fn forward(address: String, namespace: String, mut rx: mpsc::UnboundedReceiver<Item>) {
+    let mut client: Option<EventsClient> = None;
+    while let Some(item) = rx.recv().await {
+        let req = ForwardRequest {
+            envelope: Some(Envelope {
+                timestamp: Some(timestamp(item.at)).into(),
+                namespace: namespace.clone(),
+                topic: item.topic.clone(),
+                event: Some(item.event).into(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        let mut sent = false;
+        for attempt in 0..3u64 {
+            if client.is_none() {
+                client = connect(&address).await;
+            }
+            if let Some(c) = &client {
+                match c
+                    .forward(context::with_duration(Duration::from_secs(5)), &req)
+                    .await
+                {
+                    Ok(_) => {
+                        sent = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = item.topic, "publish: {e}");
+                        client = None;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        if !sent {
+            tracing::error!(topic = item.topic, "event dropped after 3 attempts");
+        }
+    }
+}
+
+// Constructors of the events, so that `service` reads as a list of what happens.
+
+pub fn create(id: &str, bundle: &str, rootfs: Vec<containerd_shim::protos::types::mount::Mount>, io: TaskIO, pid: u32) -> TaskCreate {
+    TaskCreate {
+        container_id: id.to_string(),
+        bundle: bundle.to_string(),
+        rootfs,
+        io: Some(io).into(),
+        pid,
+        ..Default::default()
+    }
+}
+
+pub fn start(id: &str, pid: u32) -> TaskStart {
+    TaskStart {
+        container_id: id.to_string(),
+        pid,
+        ..Default::default()
+    }
+}
+
+pub fn exit(id: &str, exec_id: &str, pid: u32, code: u32, at: SystemTime) -> TaskExit {
+    TaskExit {
+        container_id: id.to_string(),
+        id: exec_id.to_string(),
+        pid,
+        exit_status: code,
+        exited_at: Some(timestamp(at)).into(),
+        ..Default::default()
+    }
+}
+
+pub fn delete(id: &str, pid: u32, code: u32, at: SystemTime) -> TaskDelete {
+    TaskDelete {
+        container_id: id.to_string(),
+        pid,
+        exit_status: code,
+        exited_at: Some(timestamp(at)).into(),
+        ..Default::default()
+    }
+}
+
+pub fn exec_added(id: &str, exec_id: &str) -> TaskExecAdded {
+    TaskExecAdded {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn exec_started(id: &str, exec_id: &str, pid: u32) -> TaskExecStarted {
+    TaskExecStarted {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        pid,
+        ..Default::default()
+    }
+}
+
+pub fn paused(id: &str) -> TaskPaused {
+    TaskPaused {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn resumed(id: &str) -> TaskResumed {
+    TaskResumed {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn oom(id: &str) -> TaskOOM {
+    TaskOOM {
+        container_id: id.to_string(),
+        ..Default::default()
+    }
+}

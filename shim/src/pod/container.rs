@@ -1,0 +1,674 @@
+//! ContainerPod: the pod's containers run as namespaced Linux containers on the host, through
+//! the tandem-oci engine. Engine calls block, so they run on tokio's blocking threads.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tandem_oci::{Container, CreateRequest, Engine, EngineConfig, LinuxResources, Process, Stats};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::{
+    CreateOpts, Error, ExecOpts, ExitInfo, PidInfo, Pod, PodContext, PodEvent, ProcessState,
+    Result, Status,
+};
+use crate::io::{self, ProcessIo, StdioPaths};
+use crate::reaper::Exit;
+use crate::rootfs;
+use crate::state::Record;
+
+/// How long an exit waits for the terminal output to be copied out.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("blocking task: {e}")))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcStatus {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct ProcInner {
+    pid: i32,
+    status: ProcStatus,
+    io: ProcessIo,
+}
+
+/// One process: a container's init or an exec'd process.
+struct Proc {
+    exec_id: Option<String>,
+    stdio: StdioPaths,
+    /// The process spec of an exec, run at its start.
+    spec: Option<Process>,
+    inner: tokio::sync::Mutex<ProcInner>,
+    exit: watch::Sender<Option<ExitInfo>>,
+}
+
+impl Proc {
+    fn new(exec_id: Option<String>, stdio: StdioPaths, spec: Option<Process>) -> Proc {
+        Proc {
+            exec_id,
+            stdio,
+            spec,
+            inner: tokio::sync::Mutex::new(ProcInner {
+                pid: 0,
+                status: ProcStatus::Created,
+                io: ProcessIo::default(),
+            }),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        let r = rx.wait_for(|e| e.is_some()).await;
+        match r {
+            Ok(e) => e.expect("waited for Some"),
+            // the sender lives as long as self
+            Err(_) => unreachable!("exit sender dropped while borrowed"),
+        }
+    }
+
+    /// Record the exit once the reaper reports it (and the terminal output is out).
+    fn watch_exit(self: &Arc<Self>, rx: oneshot::Receiver<Exit>) {
+        let p = self.clone();
+        tokio::spawn(async move {
+            let Ok(exit) = rx.await else { return };
+            let waiter = p.inner.lock().await.io.output_waiter();
+            io::wait_output(waiter, OUTPUT_DRAIN).await;
+            let mut inner = p.inner.lock().await;
+            inner.status = ProcStatus::Stopped;
+            inner.io.close_stdin();
+            drop(inner);
+            p.exit.send_replace(Some(ExitInfo {
+                pid: exit.pid as u32,
+                code: exit.code as u32,
+                at: exit.at,
+            }));
+        });
+    }
+}
+
+struct Ctr {
+    id: String,
+    bundle: PathBuf,
+    engine: Arc<Container>,
+    record: Record,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+    paused: AtomicBool,
+    oom: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Ctr {
+    fn proc(&self, exec_id: Option<&str>) -> Result<Arc<Proc>> {
+        match exec_id {
+            None => Ok(self.init.clone()),
+            Some(e) => self
+                .execs
+                .lock()
+                .expect("execs poisoned")
+                .get(e)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::NotFound(format!("container {}: exec {e} not found", self.id))
+                }),
+        }
+    }
+}
+
+pub struct ContainerPod {
+    engine: Engine,
+    ctx: PodContext,
+    containers: Mutex<HashMap<String, Arc<Ctr>>>,
+    creating: Mutex<HashSet<String>>,
+}
+
+impl ContainerPod {
+    pub fn new(ctx: PodContext) -> Result<ContainerPod> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::Other(format!("current executable: {e}")))?;
+        let engine = Engine::new(EngineConfig::new(ctx.state.engine_root(), exe));
+        Ok(ContainerPod {
+            engine,
+            ctx,
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn ctr(&self, id: &str) -> Result<Arc<Ctr>> {
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+    }
+
+    /// Undo the shim's part of a create (the engine undoes its own).
+    async fn undo(&self, record: &Record) {
+        if let Some(target) = record.rootfs_target.clone() {
+            match blocking(move || rootfs::unmount(&target)).await {
+                Ok(Err(e)) => tracing::warn!("{e}"),
+                Err(e) => tracing::warn!("{e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        if let Err(e) = self.ctx.state.remove(&record.id) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    async fn create_inner(&self, opts: CreateOpts) -> Result<u32> {
+        let id = opts.id.clone();
+        let mut record = Record {
+            id: id.clone(),
+            bundle: opts.bundle.clone(),
+            rootfs_target: (!opts.mounts.is_empty()).then(|| opts.bundle.join("rootfs")),
+            mounts: opts.mounts.clone(),
+            pid: 0,
+        };
+        self.ctx
+            .state
+            .save(&record)
+            .map_err(|e| Error::Other(e.to_string()))?;
+        if let Some(target) = record.rootfs_target.clone() {
+            let mounts = record.mounts.clone();
+            let r = blocking(move || rootfs::mount_all(&mounts, &target)).await;
+            let r = match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Error::Other(e.to_string())),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                // mount_all unmounts what it made
+                let _ = self.ctx.state.remove(&id);
+                return Err(e);
+            }
+        }
+        let mut prepared = match io::prepare(&opts.stdio) {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo(&record).await;
+                return Err(Error::Other(format!("container {id}: {e}")));
+            }
+        };
+        let stdio = tandem_oci::Stdio {
+            stdin: prepared.stdin.take(),
+            stdout: prepared.stdout.take(),
+            stderr: prepared.stderr.take(),
+        };
+        let engine = self.engine.clone();
+        let (cid, bundle) = (id.clone(), opts.bundle.clone());
+        let created = blocking(move || {
+            engine.create(CreateRequest {
+                id: &cid,
+                bundle: &bundle,
+                stdio,
+            })
+        })
+        .await;
+        let (container, spawned) = match created {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.undo(&record).await;
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.undo(&record).await;
+                return Err(e);
+            }
+        };
+        let pid = spawned.pid;
+        let exit_rx = self.ctx.reaper.subscribe(pid);
+        record.pid = pid;
+        if let Err(e) = self.ctx.state.save(&record) {
+            tracing::warn!("{e}");
+        }
+        let container = Arc::new(container);
+        let pio = match prepared.attach(spawned.console) {
+            Ok(pio) => pio,
+            Err(e) => {
+                self.ctx.reaper.unsubscribe(pid);
+                let c = container.clone();
+                if let Ok(Err(de)) = blocking(move || c.delete()).await {
+                    tracing::warn!("cleanup of {id}: {de}");
+                }
+                self.undo(&record).await;
+                return Err(Error::Other(format!("container {id}: {e}")));
+            }
+        };
+        let init = Arc::new(Proc::new(None, opts.stdio.clone(), None));
+        {
+            let mut inner = init.inner.try_lock().expect("fresh process");
+            inner.pid = pid;
+            inner.io = pio;
+        }
+        init.watch_exit(exit_rx);
+        let ctr = Arc::new(Ctr {
+            id: id.clone(),
+            bundle: opts.bundle,
+            engine: container,
+            record,
+            init,
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+            oom: Mutex::new(None),
+        });
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .insert(id, ctr);
+        Ok(pid as u32)
+    }
+
+    fn watch_oom(&self, ctr: &Arc<Ctr>) {
+        let c = ctr.engine.clone();
+        let id = ctr.id.clone();
+        let events = self.ctx.events.clone();
+        let task = tokio::spawn(async move {
+            let fd = match c.oom_notifier() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(id, "no OOM notification: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = watch_oom(&fd, &c, &id, &events).await {
+                tracing::debug!(id, "OOM watch ended: {e}");
+            }
+        });
+        *ctr.oom.lock().expect("oom poisoned") = Some(task);
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Wait on the engine's OOM notifier (eventfd or inotify fd) and report each new OOM kill.
+async fn watch_oom(
+    fd: &OwnedFd,
+    c: &Container,
+    id: &str,
+    events: &tokio::sync::mpsc::UnboundedSender<PodEvent>,
+) -> std::io::Result<()> {
+    let fd = fd.try_clone()?;
+    set_nonblocking(&fd)?;
+    // SAFETY: fd is an OwnedFd the AsyncFd owns and nothing else closes.
+    let afd = unsafe { AsyncFd::register(fd)? };
+    let mut seen = c.oom_kills().unwrap_or(0);
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut guard = afd.readable().await?;
+        // drain the notification
+        loop {
+            match guard.try_io(|f| {
+                nix::unistd::read(f.get_ref(), &mut buf).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => break,
+            }
+        }
+        // the count may be bumped just after the notification: look again briefly
+        for delay in [0u64, 20, 100] {
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let now = match c.oom_kills() {
+                Ok(n) => n,
+                Err(_) => return Ok(()), // the cgroup is gone
+            };
+            if now > seen {
+                seen = now;
+                tracing::info!(id, "OOM kill in container");
+                let _ = events.send(PodEvent::Oom { id: id.to_string() });
+                break;
+            }
+        }
+    }
+}
+
+fn not_found_finished() -> Error {
+    Error::NotFound("process already finished".into())
+}
+
+#[async_trait]
+impl Pod for ContainerPod {
+    async fn create(&self, opts: CreateOpts) -> Result<u32> {
+        let id = opts.id.clone();
+        {
+            let have = self.containers.lock().expect("containers poisoned");
+            let mut creating = self.creating.lock().expect("creating poisoned");
+            if have.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(Error::AlreadyExists(format!("container {id}: already exists")));
+            }
+        }
+        let r = self.create_inner(opts).await;
+        self.creating.lock().expect("creating poisoned").remove(&id);
+        r
+    }
+
+    async fn start(&self, id: &str, exec_id: Option<&str>) -> Result<u32> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let mut inner = p.inner.lock().await;
+        if inner.status != ProcStatus::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}{}: already started",
+                exec_id.map(|e| format!(" exec {e}")).unwrap_or_default()
+            )));
+        }
+        if p.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: process exited before start"
+            )));
+        }
+        match exec_id {
+            None => {
+                let c = ctr.engine.clone();
+                blocking(move || c.start()).await??;
+                inner.status = ProcStatus::Running;
+                drop(inner);
+                self.watch_oom(&ctr);
+                Ok(ctr.init.inner.lock().await.pid as u32)
+            }
+            Some(exec_id) => {
+                let spec = p.spec.clone().expect("exec has a spec");
+                let mut prepared = io::prepare(&p.stdio)
+                    .map_err(|e| Error::Other(format!("container {id} exec {exec_id}: {e}")))?;
+                let stdio = tandem_oci::Stdio {
+                    stdin: prepared.stdin.take(),
+                    stdout: prepared.stdout.take(),
+                    stderr: prepared.stderr.take(),
+                };
+                let c = ctr.engine.clone();
+                let eid = exec_id.to_string();
+                let spawned = blocking(move || c.exec(&eid, &spec, stdio)).await??;
+                let exit_rx = self.ctx.reaper.subscribe(spawned.pid);
+                inner.pid = spawned.pid;
+                inner.status = ProcStatus::Running;
+                match prepared.attach(spawned.console) {
+                    Ok(pio) => inner.io = pio,
+                    Err(e) => {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(spawned.pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        p.watch_exit(exit_rx);
+                        return Err(Error::Other(format!(
+                            "container {id} exec {exec_id}: {e}"
+                        )));
+                    }
+                }
+                drop(inner);
+                p.watch_exit(exit_rx);
+                Ok(spawned.pid as u32)
+            }
+        }
+    }
+
+    async fn exec(&self, opts: ExecOpts) -> Result<()> {
+        let ctr = self.ctr(&opts.id)?;
+        if ctr.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {}: not running",
+                opts.id
+            )));
+        }
+        let mut execs = ctr.execs.lock().expect("execs poisoned");
+        if execs.contains_key(&opts.exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "container {}: exec {} already exists",
+                opts.id, opts.exec_id
+            )));
+        }
+        let p = Proc::new(Some(opts.exec_id.clone()), opts.stdio, Some(opts.process));
+        execs.insert(opts.exec_id, Arc::new(p));
+        Ok(())
+    }
+
+    async fn kill(&self, id: &str, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let (pid, status) = {
+            let inner = p.inner.lock().await;
+            (inner.pid, inner.status)
+        };
+        if exec_id.is_some() {
+            if pid <= 0 {
+                return Err(Error::FailedPrecondition("process not created".into()));
+            }
+            if status == ProcStatus::Stopped || p.exited().is_some() {
+                return Err(not_found_finished());
+            }
+            let sig = nix::sys::signal::Signal::try_from(signal as i32)
+                .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| {
+                if e == nix::errno::Errno::ESRCH {
+                    not_found_finished()
+                } else {
+                    Error::Other(format!("kill {pid} with {sig}: {e}"))
+                }
+            });
+        }
+        if p.exited().is_some() && !all {
+            return Err(not_found_finished());
+        }
+        let c = ctr.engine.clone();
+        let r = blocking(move || {
+            if all && c.pids().map(|p| p.is_empty()).unwrap_or(true) {
+                return Ok(false);
+            }
+            c.kill(signal as i32, all).map(|_| true)
+        })
+        .await?;
+        match r {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(not_found_finished()),
+            Err(tandem_oci::Error::Container { msg, .. }) if msg == "not running" => {
+                Err(not_found_finished())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitInfo> {
+        let p = self.ctr(id)?.proc(exec_id)?;
+        Ok(p.wait().await)
+    }
+
+    async fn delete(&self, id: &str, exec_id: Option<&str>) -> Result<ExitInfo> {
+        let ctr = self.ctr(id)?;
+        if let Some(exec_id) = exec_id {
+            let p = ctr.proc(Some(exec_id))?;
+            let status = p.inner.lock().await.status;
+            if status == ProcStatus::Running && p.exited().is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} exec {exec_id}: cannot delete a running process"
+                )));
+            }
+            ctr.execs.lock().expect("execs poisoned").remove(exec_id);
+            p.inner.lock().await.io.shutdown();
+            return Ok(p.exited().unwrap_or(ExitInfo {
+                pid: 0,
+                code: 0,
+                at: SystemTime::now(),
+            }));
+        }
+        let status = ctr.init.inner.lock().await.status;
+        if status == ProcStatus::Running && ctr.init.exited().is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: cannot delete a running container"
+            )));
+        }
+        if let Some(t) = ctr.oom.lock().expect("oom poisoned").take() {
+            t.abort();
+        }
+        let c = ctr.engine.clone();
+        blocking(move || c.delete()).await??;
+        // a created-but-never-started init was killed by the engine: its exit is due now
+        let exit = match ctr.init.exited() {
+            Some(e) => e,
+            None => tokio::time::timeout(Duration::from_secs(2), ctr.init.wait())
+                .await
+                .unwrap_or(ExitInfo {
+                    pid: ctr.init.inner.lock().await.pid as u32,
+                    code: 137,
+                    at: SystemTime::now(),
+                }),
+        };
+        let execs: Vec<Arc<Proc>> = ctr
+            .execs
+            .lock()
+            .expect("execs poisoned")
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for p in execs.iter().chain(std::iter::once(&ctr.init)) {
+            p.inner.lock().await.io.shutdown();
+        }
+        self.undo(&ctr.record).await;
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .remove(id);
+        Ok(exit)
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let c = ctr.engine.clone();
+        blocking(move || c.pause()).await??;
+        ctr.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let c = ctr.engine.clone();
+        blocking(move || c.resume()).await??;
+        ctr.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        let c = self.ctr(id)?.engine.clone();
+        Ok(blocking(move || c.stats()).await??)
+    }
+
+    async fn update(&self, id: &str, resources: LinuxResources) -> Result<()> {
+        let c = self.ctr(id)?.engine.clone();
+        Ok(blocking(move || c.update(&resources)).await??)
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<PidInfo>> {
+        let ctr = self.ctr(id)?;
+        let c = ctr.engine.clone();
+        let pids = blocking(move || c.pids()).await??;
+        let execs: Vec<Arc<Proc>> = ctr
+            .execs
+            .lock()
+            .expect("execs poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut by_pid = HashMap::new();
+        for p in execs {
+            let pid = p.inner.lock().await.pid;
+            if pid > 0 {
+                by_pid.insert(pid, p.exec_id.clone());
+            }
+        }
+        Ok(pids
+            .into_iter()
+            .map(|pid| PidInfo {
+                pid: pid as u32,
+                exec_id: by_pid.get(&pid).cloned().flatten(),
+            })
+            .collect())
+    }
+
+    async fn state(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessState> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let (pid, status) = {
+            let inner = p.inner.lock().await;
+            (inner.pid, inner.status)
+        };
+        let exit = p.exited();
+        let status = match (exit, status) {
+            (Some(_), _) | (_, ProcStatus::Stopped) => Status::Stopped,
+            (None, ProcStatus::Created) => Status::Created,
+            (None, ProcStatus::Running) if ctr.paused.load(Ordering::SeqCst) => Status::Paused,
+            (None, ProcStatus::Running) => Status::Running,
+        };
+        Ok(ProcessState {
+            id: id.to_string(),
+            exec_id: p.exec_id.clone(),
+            bundle: ctr.bundle.clone(),
+            pid: pid.max(0) as u32,
+            status,
+            stdio: p.stdio.clone(),
+            exit,
+        })
+    }
+
+    async fn close_io(&self, id: &str, exec_id: Option<&str>) -> Result<()> {
+        let p = self.ctr(id)?.proc(exec_id)?;
+        p.inner.lock().await.io.close_stdin();
+        Ok(())
+    }
+
+    async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let p = self.ctr(id)?.proc(exec_id)?;
+        let inner = p.inner.lock().await;
+        inner
+            .io
+            .resize(width, height)
+            .map_err(|e| Error::FailedPrecondition(format!("container {id}: resize pty: {e}")))
+    }
+
+    async fn containers(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .containers
+            .lock()
+            .expect("containers poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        ids.extend(self.creating.lock().expect("creating poisoned").iter().cloned());
+        ids
+    }
+}
