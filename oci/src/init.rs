@@ -543,8 +543,72 @@ pub(crate) fn resolve_exe(arg0: &str, env: &[String], cwd: &Path) -> R<PathBuf> 
     ))
 }
 
+/// What the program must not inherit from the engine's caller or from the Rust runtime of the
+/// init: ignored signals (Rust ignores SIGPIPE), the signal mask, and fds above 2.
+fn clean_inheritance() -> R<()> {
+    // the raw syscall: glibc refuses its reserved signals 32 and 33, which may be ignored too
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: resetting a disposition to default with a valid struct of the kernel's size.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    // SAFETY: an empty set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+    // every fd above stdio closes at exec (the channel and fifo fds already do)
+    // SAFETY: plain syscall.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        let fds: Vec<i32> = fs::read_dir("/proc/self/fd")
+            .map_err(|e| format!("/proc/self/fd: {e}"))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2)
+            .collect();
+        for fd in fds {
+            // SAFETY: setting a flag; a closed fd gives EBADF, ignored.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(())
+}
+
 /// Apply no_new_privs, seccomp, user, capabilities, umask and cwd; resolve the program.
 pub(crate) fn prepare_process(chan: &Channel, process: &Process, spec: &Spec) -> R<Prepared> {
+    clean_inheritance()?;
     let args = process.args().clone().unwrap_or_default();
     let arg0 = args.first().ok_or("process.args: empty")?.clone();
     let env = process.env().clone().unwrap_or_default();

@@ -754,7 +754,8 @@ fn bind_mounts_devices_readonly_root_and_process_attributes() {
              echo x > /newfile || echo root-ro; echo x > /tmp/ok && echo tmp-rw; \
              echo hi > /dev/mydev && echo dev-ok; ls -l /dev/mydev | cut -c1-10; \
              grep -E '^(NoNewPrivs|CapBnd|CapEff)' /proc/self/status; \
-             hostname; cat /proc/sys/kernel/domainname",
+             hostname; cat /proc/sys/kernel/domainname; \
+             grep -E '^(SigIgn|SigBlk)' /proc/self/status; ls /proc/self/fd | wc -l",
         ],
         |c| {
             c["root"]["readonly"] = json!(true);
@@ -768,7 +769,18 @@ fn bind_mounts_devices_readonly_root_and_process_attributes() {
     );
     fs::create_dir_all(f.bundle().join("rootfs/data")).unwrap();
     std::os::unix::fs::symlink("busybox", f.bundle().join("rootfs/bin/cut")).unwrap();
-    let (st, out) = f.run();
+    // an fd of the caller without CLOEXEC must not reach the container
+    let leak = std::ffi::CString::new("/dev/null").unwrap();
+    // SAFETY: plain open without O_CLOEXEC, closed below.
+    let leaked = unsafe { libc::open(leak.as_ptr(), libc::O_RDONLY) };
+    assert!(leaked > 2);
+    let r = f.create_piped();
+    unsafe { libc::close(leaked) };
+    let (mut pipe, pid) = r.unwrap();
+    f.c().start().unwrap();
+    let st = wait(pid);
+    let mut out = String::new();
+    pipe.read_to_string(&mut out).unwrap();
     assert_eq!(exit_code(st), 0, "{out}");
     let expect = [
         "from the host",
@@ -782,6 +794,10 @@ fn bind_mounts_devices_readonly_root_and_process_attributes() {
         "CapBnd:\t00000000200004eb",
         "tandem-test",
         "example.test",
+        "SigIgn:\t0000000000000000",
+        "SigBlk:\t0000000000000000",
+        // 0, 1, 2 and the directory ls reads: nothing leaked from the engine's caller
+        "4",
     ];
     for e in expect {
         assert!(out.lines().any(|l| l == e), "missing {e:?} in:\n{out}");
