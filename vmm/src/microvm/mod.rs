@@ -1,9 +1,12 @@
 //! tandem's own microVM: a KVM VMM on the rust-vmm crates.
 
+pub mod backend;
 pub mod bus;
+pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod seccomp;
+pub mod server;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,0 +1,149 @@
+//! The `tandem-vmm` process's event loop: the VM's exit event and the control socket.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::config::validate_nic;
+use crate::error::{Error, Result};
+use crate::microvm::control::{read_line, Request, Response};
+use crate::microvm::vcpu::ExitReason;
+use crate::microvm::Vm;
+
+const EXIT_TOKEN: u64 = 1;
+const LISTEN_TOKEN: u64 = 2;
+/// How long one control client may take to send its request.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn handle(vm: &mut Vm, req: Request) -> Response {
+    let mut resp = Response::default();
+    let r: Result<()> = match req {
+        Request::State => Ok(()),
+        Request::VcpuThreads => {
+            resp.vcpus = Some(vm.vcpu_threads());
+            Ok(())
+        }
+        Request::Pause => vm.pause(),
+        Request::Resume => vm.resume(),
+        Request::Shutdown => {
+            vm.shutdown();
+            Ok(())
+        }
+        Request::AddNic { nic } => match validate_nic(&nic) {
+            Err(reason) => Err(Error::invalid("nic", reason)),
+            Ok(()) => Err(Error::Unsupported {
+                backend: "microvm",
+                feature: format!("virtio-net NIC on tap {}", nic.tap),
+            }),
+        },
+    };
+    if let Err(e) = r {
+        resp.error = Some(e.to_string());
+    }
+    resp.state = Some(vm.state());
+    resp
+}
+
+fn serve_client(vm: &mut Vm, mut s: UnixStream) -> std::io::Result<bool> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let resp = match read_line(&s)
+        .map_err(|e| e.to_string())
+        .and_then(|l| serde_json::from_str::<Request>(&l).map_err(|e| format!("bad request: {e}")))
+    {
+        Ok(req) => {
+            let shutdown = req == Request::Shutdown;
+            let r = handle(vm, req);
+            let mut line = serde_json::to_vec(&r).unwrap_or_default();
+            line.push(b'\n');
+            s.write_all(&line)?;
+            return Ok(shutdown);
+        }
+        Err(e) => Response {
+            error: Some(e),
+            state: Some(vm.state()),
+            vcpus: None,
+        },
+    };
+    let mut line = serde_json::to_vec(&resp).unwrap_or_default();
+    line.push(b'\n');
+    s.write_all(&line)?;
+    Ok(false)
+}
+
+/// Runs the loop until the guest ends the VM or a client asks for shutdown. If `filter` is given
+/// it is installed on this thread first (after everything is open). Returns why the VM ended.
+pub fn serve(
+    mut vm: Vm,
+    listener: UnixListener,
+    filter: Option<seccompiler::BpfProgram>,
+) -> Result<ExitReason> {
+    let ioerr = |what: &str, e: std::io::Error| Error::Device {
+        device: "event loop".into(),
+        reason: format!("{what}: {e}"),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ioerr("listener", e))?;
+    let epoll = Epoll::new().map_err(|e| ioerr("epoll_create1", e))?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            vm.exit_event().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, EXIT_TOKEN),
+        )
+        .map_err(|e| ioerr("epoll add exit event", e))?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTEN_TOKEN),
+        )
+        .map_err(|e| ioerr("epoll add control socket", e))?;
+    if let Some(f) = filter {
+        seccompiler::apply_filter(&f).map_err(|e| Error::Device {
+            device: "seccomp filter (vmm)".into(),
+            reason: e.to_string(),
+        })?;
+    }
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ioerr("epoll_wait", e)),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                EXIT_TOKEN => {
+                    let reason = vm.exit_reason().unwrap_or(ExitReason::Shutdown);
+                    tracing::info!("VM ended: {reason:?}");
+                    vm.shutdown();
+                    return Ok(reason);
+                }
+                LISTEN_TOKEN => loop {
+                    match listener.accept() {
+                        Ok((s, _)) => match serve_client(&mut vm, s) {
+                            Ok(true) => {
+                                let reason = vm.exit_reason().unwrap_or(ExitReason::Shutdown);
+                                return Ok(reason);
+                            }
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!("control client: {e}"),
+                        },
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::warn!("accept: {e}");
+                            break;
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+}

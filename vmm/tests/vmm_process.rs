@@ -1,0 +1,222 @@
+//! The `tandem-vmm` binary through the `microvm` backend of the `Hypervisor` seam: started with
+//! an assembled payload, driven and shut down over its control socket, under seccomp.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tandem_vmm::microvm::backend::MicroVm;
+use tandem_vmm::{
+    BootMode, CpuMode, Hypervisor, MemoryConfig, NicConfig, VcpuConfig, VmConfig, VmState,
+};
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tandem-vmmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &Path, payload: &[u8], vcpus: Vec<VcpuConfig>) -> VmConfig {
+    let kernel = dir.join("payload.bin");
+    std::fs::write(&kernel, payload).unwrap();
+    VmConfig {
+        kernel,
+        boot: BootMode::Flat {
+            load_addr: 0x1000,
+            mode: CpuMode::Real16,
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vcpus,
+        memory: MemoryConfig {
+            size_mib: 2,
+            ..Default::default()
+        },
+        nics: vec![],
+        disks: vec![],
+        vsock: None,
+        serial_log: Some(dir.join("serial.log")),
+    }
+}
+
+fn backend(dir: &Path) -> MicroVm {
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    MicroVm::new(env!("CARGO_BIN_EXE_tandem-vmm"), run)
+}
+
+fn status_field(pid: u32, tid: i32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// "Hi\n" to COM1 from each vCPU, then cli; hlt forever.
+const HI_THEN_HALT: &[u8] = &[
+    0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, b'\n', 0xee, // "Hi\n"
+    0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+];
+
+#[test]
+fn binary_runs_the_payload_and_obeys_its_control_socket() {
+    let dir = TempDir::new("ctl");
+    let cfg = config(
+        &dir.0,
+        HI_THEN_HALT,
+        vec![
+            VcpuConfig { host_cpu: Some(0) },
+            VcpuConfig { host_cpu: Some(1) },
+        ],
+    );
+    let hv = backend(&dir.0);
+    assert_eq!(hv.name(), "microvm");
+    let mut vm = hv.start(&cfg).unwrap();
+    let pid = vm.pid();
+    assert_eq!(vm.state().unwrap(), VmState::Running);
+    // Both vCPUs print "Hi\n"; their bytes may interleave.
+    wait_for("serial output", || {
+        let mut b = std::fs::read(dir.0.join("serial.log")).unwrap_or_default();
+        b.sort();
+        b == b"\n\nHHii"
+    });
+
+    // vCPU threads: in the VMM process, pinned, named, under their own seccomp filter.
+    let threads = vm.vcpu_threads().unwrap();
+    assert_eq!(threads.len(), 2);
+    for t in &threads {
+        assert_eq!(
+            status_field(pid, t.tid, "Cpus_allowed_list:"),
+            t.index.to_string()
+        );
+        assert_eq!(status_field(pid, t.tid, "Seccomp:"), "2");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid)).unwrap();
+        assert_eq!(comm.trim(), format!("vcpu{}", t.index));
+    }
+    assert_eq!(status_field(pid, pid as i32, "Seccomp:"), "2");
+    // Only the fds it needs: stdio, /dev/kvm, VM, 2 vCPUs, serial log, eventfds, socket, epoll.
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds <= 16, "{fds} fds open in tandem-vmm");
+
+    vm.pause().unwrap();
+    assert_eq!(vm.state().unwrap(), VmState::Paused);
+    let e = vm.pause().unwrap_err().to_string();
+    assert!(e.contains("VM is paused: cannot pause"), "{e}");
+    vm.resume().unwrap();
+    assert_eq!(vm.state().unwrap(), VmState::Running);
+
+    // Hot-add is refused with a message naming the NIC (virtio-net is not there yet).
+    let e = vm
+        .hot_add_nic(&NicConfig {
+            tap: "tap-x".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tap-x"), "{e}");
+    assert_eq!(vm.state().unwrap(), VmState::Running);
+
+    vm.stop().unwrap();
+    assert_eq!(vm.state().unwrap(), VmState::Stopped);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(dir.entries().contains(&"run".to_string()));
+    assert!(std::fs::read_dir(dir.0.join("run"))
+        .unwrap()
+        .next()
+        .is_none());
+    vm.stop().unwrap(); // idempotent
+}
+
+#[test]
+fn guest_power_off_ends_the_process() {
+    // "Hi\n", then ACPI PM1a_CNT = SLP_TYP 5 | SLP_EN.
+    let code = [
+        0xba, 0xf8, 0x03, 0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, b'\n', 0xee, //
+        0xba, 0x04, 0x06, // mov dx, 0x604
+        0xb8, 0x00, 0x34, // mov ax, 0x3400
+        0xef, // out dx, ax
+        0xf4, 0xeb, 0xfd,
+    ];
+    let dir = TempDir::new("poweroff");
+    let cfg = config(&dir.0, &code, vec![VcpuConfig { host_cpu: None }]);
+    let mut vm = backend(&dir.0).start(&cfg).unwrap();
+    let pid = vm.pid();
+    // state() reaps the process once it has exited.
+    wait_for("the process to exit", || {
+        vm.state().unwrap() == VmState::Stopped && !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(
+        std::fs::read_to_string(dir.0.join("serial.log")).unwrap(),
+        "Hi\n"
+    );
+    vm.stop().unwrap();
+    assert!(std::fs::read_dir(dir.0.join("run"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn bad_configs_fail_naming_the_thing_and_leave_nothing_behind() {
+    let dir = TempDir::new("bad");
+    let hv = backend(&dir.0);
+    let mut cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
+    cfg.kernel = "/x/vmlinuz".into();
+    let e = hv.start(&cfg).err().unwrap().to_string();
+    assert_eq!(e, "kernel /x/vmlinuz: not found");
+
+    // Fails inside the process: the message comes back through the backend.
+    let mut cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
+    cfg.memory.numa_nodes = vec![7];
+    let e = hv.start(&cfg).err().unwrap().to_string();
+    assert!(
+        e.contains("exited before ready") && e.contains("mbind to NUMA nodes [7]"),
+        "{e}"
+    );
+    assert!(std::fs::read_dir(dir.0.join("run"))
+        .unwrap()
+        .next()
+        .is_none());
+
+    let hv = MicroVm::new("/nonexistent/tandem-vmm", dir.0.join("run"));
+    let cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
+    let e = hv.start(&cfg).err().unwrap().to_string();
+    assert!(
+        e.starts_with("tandem-vmm process /nonexistent/tandem-vmm: spawn"),
+        "{e}"
+    );
+    assert!(std::fs::read_dir(dir.0.join("run"))
+        .unwrap()
+        .next()
+        .is_none());
+}
