@@ -360,6 +360,9 @@ impl Container {
             return Err(self.err(format!("exec {exec_id}: container is not running")));
         }
         let cg = self.cg()?;
+        if cg.is_frozen().unwrap_or(false) {
+            return Err(self.err(format!("exec {exec_id}: container is paused")));
+        }
         let config = InitConfig::Exec(ExecConfig {
             pid: self.state.pid,
             process: process.clone(),

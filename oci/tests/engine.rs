@@ -252,6 +252,12 @@ fn runs_with_output_exit_code_and_cleans_up() {
     assert_eq!(exit_code(st), 3, "{out}");
     assert_eq!(out, "hello from tandem-test\n0\n1024\n");
     assert_eq!(f.c().status().unwrap(), Status::Stopped);
+    // the shim maps this exact error to "process already finished"
+    match f.c().kill(libc::SIGTERM, false) {
+        Err(Error::Container { msg, .. }) => assert_eq!(msg, "not running"),
+        r => panic!("{r:?}"),
+    }
+    assert!(f.c().start().is_err());
     f.container.take().unwrap().delete().unwrap();
     assert_gone(&f);
 }
@@ -491,6 +497,11 @@ fn pause_and_resume() {
     f.c().start().unwrap();
     f.c().pause().unwrap();
     assert_eq!(f.c().status().unwrap(), Status::Paused);
+    let e = f
+        .c()
+        .exec("p", &proc_spec(&["true"]), Stdio::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("paused"), "{e}");
     let freezer = Path::new("/sys/fs/cgroup/freezer/tandem-test")
         .join(&f.id)
         .join("freezer.state");
