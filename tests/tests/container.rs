@@ -177,7 +177,7 @@ fn ps_lists_pids_and_kill_one_then_all() {
     for p in &pids {
         let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap();
         assert!(
-            cmd.starts_with("sleep\0100"),
+            cmd.starts_with("sleep\u{0}100"),
             "pid {p} of task ps is {cmd:?}"
         );
     }

@@ -203,17 +203,55 @@ fn pids_limit_stops_forks() {
     c.assert_no_leaks(&[&id2]);
 }
 
-/// hugetlb limit from linux.resources.hugepageLimits lands in the hugetlb controller: on this
-/// hybrid host that is cgroup2 (/sys/fs/cgroup/unified), elsewhere v1 or pure v2.
+/// Reserves `extra` more 2 MiB hugepages and restores the previous count on drop (unless
+/// someone else changed it meanwhile).
+struct HugepageReservation {
+    prev: u64,
+    set: u64,
+}
+
+impl HugepageReservation {
+    fn new(extra: u64) -> Self {
+        let f = "/proc/sys/vm/nr_hugepages";
+        let prev: u64 = std::fs::read_to_string(f).unwrap().trim().parse().unwrap();
+        std::fs::write(f, (prev + extra).to_string()).unwrap();
+        let set: u64 = std::fs::read_to_string(f).unwrap().trim().parse().unwrap();
+        assert!(
+            set >= prev + extra,
+            "could reserve only {set} hugepages (wanted {})",
+            prev + extra
+        );
+        HugepageReservation { prev, set }
+    }
+}
+
+impl Drop for HugepageReservation {
+    fn drop(&mut self) {
+        let f = "/proc/sys/vm/nr_hugepages";
+        let now: u64 = std::fs::read_to_string(f).unwrap().trim().parse().unwrap();
+        if now == self.set {
+            let _ = std::fs::write(f, self.prev.to_string());
+        }
+    }
+}
+
+/// hugetlb limit from linux.resources.hugepageLimits lands in the hugetlb controller (on this
+/// hybrid host that is cgroup2, /sys/fs/cgroup/unified; elsewhere v1 or pure v2), and a process
+/// in the container cannot allocate more hugepages than the limit.
 #[test]
-fn hugetlb_limit_is_set() {
+fn hugetlb_limit_is_set_and_enforced() {
+    let _reserve = HugepageReservation::new(8);
     let c = setup();
     let id = unique_id("hugetlb");
     let rootfs = c.dir().join("rootfs");
     unpack_busybox_rootfs(&rootfs).unwrap();
+    std::fs::create_dir_all(rootfs.join("hp")).unwrap();
     let mut spec = base_spec(&c, &id, &rootfs, &["sleep", "1000"]);
     spec["linux"]["resources"]["hugepageLimits"] =
         serde_json::json!([{"pageSize": "2MB", "limit": 4194304}]);
+    spec["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+        {"destination": "/hp", "type": "hugetlbfs", "source": "hugetlbfs", "options": ["pagesize=2M"]}
+    ));
     let path = c.dir().join(format!("{id}.json"));
     std::fs::write(&path, serde_json::to_vec(&spec).unwrap()).unwrap();
     let rt = runtime();
@@ -240,6 +278,23 @@ fn hugetlb_limit_is_set() {
         .find_map(|p| std::fs::read_to_string(p).ok())
         .unwrap_or_else(|| panic!("no hugetlb limit file among {candidates:?}"));
     assert_eq!(val.trim(), "4194304");
+
+    // 2 pages fit; 4 more do not (fallocate on hugetlbfs charges the hugetlb cgroup).
+    let o = c.ctr(&[
+        "task", "exec", "--exec-id", "hp", &id, "sh", "-c",
+        "fallocate -l 4194304 /hp/a && echo first-ok; fallocate -l 8388608 /hp/b; echo rc=$?; rm -f /hp/a /hp/b",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        out.contains("first-ok"),
+        "4 MiB of hugepages within the limit failed: {out} {err}"
+    );
+    assert!(
+        out.contains("rc=1"),
+        "8 MiB more hugepages were allowed over a 4 MiB limit: {out} {err}"
+    );
+    assert!(err.contains("No space left on device"), "stderr: {err}");
     c.remove(&id);
     c.assert_no_leaks(&[&id]);
 }
