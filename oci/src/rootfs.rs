@@ -346,6 +346,16 @@ fn mount_cgroup(dest: &Path, flags: MsFlags, cgroups: &[CgroupMount]) -> R<()> {
     for c in cgroups {
         let d = dest.join(&c.name);
         ensure_dir(&d)?;
+        // "cpu,cpuacct" is also reachable as "cpu" and "cpuacct"
+        if c.name.contains(',') {
+            for part in c.name.split(',') {
+                let link = dest.join(part);
+                if fs::symlink_metadata(&link).is_err() {
+                    std::os::unix::fs::symlink(&c.name, &link)
+                        .map_err(|e| format!("symlink {}: {e}", link.display()))?;
+                }
+            }
+        }
         nix_mount(Some(&c.host_dir), &d, None, MsFlags::MS_BIND, None)?;
         nix_mount(
             None,
