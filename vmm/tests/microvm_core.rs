@@ -2,6 +2,8 @@
 //! serial to the log, i8042 reset, pinned vCPU threads, hugepage-backed memory, MMIO dispatch,
 //! pause/resume/shutdown.
 
+mod common;
+
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -404,4 +406,57 @@ fn unsupported_and_invalid_configs_fail_naming_the_thing() {
         .unwrap()
         .to_string();
     assert!(e.starts_with("/nonexistent-dir/serial.log: "), "{e}");
+}
+
+#[test]
+fn guest_driver_drives_the_virtio_block_state_machine() {
+    let dir = TempDir::new("virtio");
+    let disk = dir.0.join("disk.img");
+    let mut img = vec![0u8; 4096];
+    img[512..1024].fill(b'Z');
+    std::fs::write(&disk, &img).unwrap();
+    let mut cfg = config(
+        &dir.0,
+        &common::virtio_blk_driver(),
+        CpuMode::Protected32,
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    cfg.disks.push(tandem_vmm::DiskConfig {
+        path: disk,
+        read_only: true,
+    });
+    let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+    let slot = vm.virtio_devices()[0].clone();
+    assert_eq!(slot.base, 0xd000_0000);
+    vm.start().unwrap();
+    // The device side of the event loop: wait for the guest's notify, then process.
+    let notify = slot
+        .transport
+        .lock()
+        .unwrap()
+        .notify_event()
+        .try_clone()
+        .unwrap();
+    let mut pfd = libc::pollfd {
+        fd: notify.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 10_000) },
+        1,
+        "no queue notify"
+    );
+    assert!(!slot.transport.lock().unwrap().process(32));
+    assert_eq!(
+        wait_exit(&vm, Duration::from_secs(10)),
+        Some(ExitReason::PowerOff)
+    );
+    vm.shutdown();
+    let t = slot.transport.lock().unwrap();
+    assert_eq!(t.status(), 0xf, "ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK");
+    assert_eq!(t.driver_features(), 1 << 32);
+    assert!(t.queue_ready(0));
+    assert_eq!(read(&dir.0.join("serial.log")), "v2Z0");
 }

@@ -1,6 +1,8 @@
 //! The `tandem-vmm` binary through the `microvm` backend of the `Hypervisor` seam: started with
 //! an assembled payload, driven and shut down over its control socket, under seccomp.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -219,4 +221,36 @@ fn bad_configs_fail_naming_the_thing_and_leave_nothing_behind() {
         .unwrap()
         .next()
         .is_none());
+}
+
+#[test]
+fn guest_reads_a_disk_through_virtio_mmio_served_by_the_event_loop() {
+    let dir = TempDir::new("blk");
+    let disk = dir.0.join("disk.img");
+    let mut img = vec![0u8; 8192];
+    img[512..1024].fill(b'Q');
+    std::fs::write(&disk, &img).unwrap();
+    let mut cfg = config(
+        &dir.0,
+        &common::virtio_blk_driver(),
+        vec![VcpuConfig { host_cpu: None }],
+    );
+    cfg.boot = BootMode::Flat {
+        load_addr: 0x1000,
+        mode: CpuMode::Protected32,
+    };
+    cfg.disks.push(tandem_vmm::DiskConfig {
+        path: disk,
+        read_only: false,
+    });
+    let mut vm = backend(&dir.0).start(&cfg).unwrap();
+    let pid = vm.pid();
+    wait_for("the guest to power off", || {
+        vm.state().unwrap() == VmState::Stopped && !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(
+        std::fs::read_to_string(dir.0.join("serial.log")).unwrap(),
+        "v2Q0"
+    );
+    vm.stop().unwrap();
 }

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod server;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use vm::{Vm, VmOptions};

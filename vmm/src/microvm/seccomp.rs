@@ -43,6 +43,12 @@ const COMMON: &[libc::c_long] = &[
 /// kicking them, and KVM/tap ioctls for hot-add.
 const VMM_EXTRA: &[libc::c_long] = &[
     libc::SYS_accept4,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,

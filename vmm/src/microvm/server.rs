@@ -15,6 +15,9 @@ use crate::microvm::Vm;
 
 const EXIT_TOKEN: u64 = 1;
 const LISTEN_TOKEN: u64 = 2;
+const VIRTIO_TOKEN: u64 = 100;
+/// Chains one queue may complete per wake-up before other events get their turn.
+pub const QUEUE_BUDGET: usize = 32;
 /// How long one control client may take to send its request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -104,6 +107,17 @@ pub fn serve(
             EpollEvent::new(EventSet::IN, LISTEN_TOKEN),
         )
         .map_err(|e| ioerr("epoll add control socket", e))?;
+    let devices: Vec<_> = vm.virtio_devices().to_vec();
+    for (i, d) in devices.iter().enumerate() {
+        let t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                t.notify_event().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, VIRTIO_TOKEN + i as u64),
+            )
+            .map_err(|e| ioerr(&format!("epoll add {}", d.name), e))?;
+    }
     if let Some(f) = filter {
         seccompiler::apply_filter(&f).map_err(|e| Error::Device {
             device: "seccomp filter (vmm)".into(),
@@ -142,6 +156,15 @@ pub fn serve(
                         }
                     }
                 },
+                t if t >= VIRTIO_TOKEN => {
+                    if let Some(d) = devices.get((t - VIRTIO_TOKEN) as usize) {
+                        let mut tr = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+                        if tr.process(QUEUE_BUDGET) {
+                            // Work left: come back after the other ready events.
+                            let _ = tr.notify_event().write(1);
+                        }
+                    }
+                }
                 _ => {}
             }
         }

@@ -14,6 +14,7 @@ use crate::config::{BootMode, VmConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{VcpuThread, VmState};
 use crate::microvm::bus::{Bus, SharedDevice};
+use crate::microvm::devices::block::Block;
 use crate::microvm::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::microvm::devices::power::{AcpiPowerOff, PM1A_CNT_LEN, PM1A_CNT_PORT};
 use crate::microvm::devices::serial::{SerialDevice, SerialOut, COM1_IRQ, COM1_PORT};
@@ -22,10 +23,31 @@ use crate::microvm::seccomp;
 use crate::microvm::vcpu::{
     self, ExitReason, ExitSignal, ResetTrigger, RunState, VcpuControl, VcpuRunner,
 };
+use crate::microvm::virtio::mmio::{Interrupt, MmioTransport, MMIO_WINDOW};
+use crate::microvm::virtio::VirtioDevice;
 
 const BACKEND: &str = "microvm";
 const KVM_PATH: &str = "/dev/kvm";
 const TSS_ADDRESS: usize = 0xfffb_d000;
+/// Guest physical address of the first virtio-mmio window (in the 32-bit MMIO hole).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSI of the first virtio-mmio device.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// Most virtio-mmio devices (GSIs 5..=23 of the IOAPIC).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// A virtio device on virtio-mmio: where it is and its transport.
+#[derive(Clone)]
+pub struct VirtioSlot {
+    /// Device name.
+    pub name: String,
+    /// MMIO base.
+    pub base: u64,
+    /// GSI.
+    pub gsi: u32,
+    /// The transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
 
 /// Options of the VMM process, not of the guest.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,6 +74,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     ctl: Arc<VcpuControl>,
     vcpus: Vec<VcpuHandle>,
+    virtio: Vec<VirtioSlot>,
     pending: Vec<kvm_ioctls::VcpuFd>,
     stopped: bool,
 }
@@ -72,12 +95,6 @@ impl Vm {
             return Err(Error::Unsupported {
                 backend: BACKEND,
                 feature: format!("virtio-net NIC on tap {}", n.tap),
-            });
-        }
-        if let Some(d) = config.disks.first() {
-            return Err(Error::Unsupported {
-                backend: BACKEND,
-                feature: format!("virtio-block disk {}", d.path.display()),
             });
         }
         if let Some(v) = &config.vsock {
@@ -162,6 +179,29 @@ impl Vm {
         pio.insert(power, PM1A_CNT_PORT, PM1A_CNT_LEN)
             .map_err(|e| dev_err("ACPI PM1a_CNT", format!("{e:?}")))?;
 
+        // virtio-mmio devices.
+        let mut mmio = Bus::new();
+        let mut virtio = Vec::new();
+        if config.disks.len() > MAX_VIRTIO_DEVICES {
+            return Err(Error::invalid(
+                "disks",
+                format!("{} disks, at most {MAX_VIRTIO_DEVICES}", config.disks.len()),
+            ));
+        }
+        for d in &config.disks {
+            let dev: Box<dyn VirtioDevice> = Box::new(Block::open(&d.path, d.read_only)?);
+            let i = virtio.len();
+            virtio.push(Self::add_virtio(
+                &vm_fd,
+                irqchip,
+                &memory,
+                &mut mmio,
+                dev,
+                VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                VIRTIO_IRQ_BASE + i as u32,
+            )?);
+        }
+
         // Payload.
         let BootMode::Flat { load_addr, mode } = config.boot else {
             unreachable!("Linux boot refused above");
@@ -201,13 +241,53 @@ impl Vm {
             memory,
             irqchip,
             pio,
-            mmio: Arc::new(RwLock::new(Bus::new())),
+            mmio: Arc::new(RwLock::new(mmio)),
             exit,
             ctl: Arc::new(VcpuControl::default()),
             vcpus: Vec::new(),
+            virtio,
             pending,
             stopped: false,
         })
+    }
+
+    fn add_virtio(
+        vm_fd: &VmFd,
+        irqchip: bool,
+        memory: &GuestRam,
+        mmio: &mut Bus,
+        dev: Box<dyn VirtioDevice>,
+        base: u64,
+        gsi: u32,
+    ) -> Result<VirtioSlot> {
+        let name = dev.name();
+        let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        let irq = efd().map_err(|e| dev_err(&name, format!("interrupt eventfd: {e}")))?;
+        if irqchip {
+            vm_fd
+                .register_irqfd(&irq, gsi)
+                .map_err(|e| Error::kvm(format!("KVM_IRQFD ({name}, GSI {gsi})"), e))?;
+        }
+        let notify = efd().map_err(|e| dev_err(&name, format!("notify eventfd: {e}")))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            memory.mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+            notify,
+        )));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW)
+            .map_err(|e| dev_err(&name, format!("MMIO window {base:#x}: {e:?}")))?;
+        Ok(VirtioSlot {
+            name,
+            base,
+            gsi,
+            transport,
+        })
+    }
+
+    /// The virtio-mmio devices, in order (disks first).
+    pub fn virtio_devices(&self) -> &[VirtioSlot] {
+        &self.virtio
     }
 
     /// The MMIO bus, to map devices before [`Vm::start`] (and hot-added ones after).

@@ -1,5 +1,6 @@
 //! Devices, one file each.
 
+pub mod block;
 pub mod i8042;
 pub mod power;
 pub mod serial;
