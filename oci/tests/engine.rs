@@ -63,7 +63,8 @@ fn base_config(id: &str, args: &[&str]) -> Value {
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]}
         ],
         "linux": {
-            "cgroupsPath": format!("/tandem-test/{id}"),
+            // one parent per container so that delete plus the fixture leave nothing behind
+            "cgroupsPath": format!("/tandem-test-{id}/{id}"),
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
             "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
@@ -103,6 +104,11 @@ impl Fixture {
             id,
             container: None,
         }
+    }
+
+    /// The container's cgroup path relative to a hierarchy.
+    fn rel(&self) -> String {
+        format!("tandem-test-{0}/{0}", self.id)
     }
 
     fn bundle(&self) -> PathBuf {
@@ -158,6 +164,18 @@ impl Drop for Fixture {
                 unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
             }
         }
+        // the per-container parent cgroup (pure v2 tests use the cgroup2 mount as root)
+        let parent = format!("tandem-test-{}", self.id);
+        let roots = [
+            Path::new("/sys/fs/cgroup"),
+            Path::new("/sys/fs/cgroup/unified"),
+        ];
+        for d in cgroup_dirs(&parent)
+            .into_iter()
+            .chain(roots.iter().map(|r| r.join(&parent)))
+        {
+            let _ = fs::remove_dir(d);
+        }
     }
 }
 
@@ -201,7 +219,7 @@ fn assert_gone(f: &Fixture) {
         "state dir {:?} left",
         f.state_dir()
     );
-    for d in cgroup_dirs(&format!("tandem-test/{}", f.id)) {
+    for d in cgroup_dirs(&f.rel()) {
         assert!(!d.exists(), "cgroup {d:?} left");
     }
 }
@@ -463,7 +481,7 @@ fn hugetlb_limit_is_written() {
         c["linux"]["resources"]["hugepageLimits"] = json!([{"pageSize": "2MB", "limit": 4194304}])
     });
     let (_o, pid) = f.create_piped().unwrap();
-    let rel = format!("tandem-test/{}", f.id);
+    let rel = f.rel();
     let root = Path::new("/sys/fs/cgroup");
     let file = if root.join("cgroup.controllers").exists() {
         root.join(&rel).join("hugetlb.2MB.max")
@@ -502,8 +520,8 @@ fn pause_and_resume() {
         .exec("p", &proc_spec(&["true"]), Stdio::default())
         .unwrap_err();
     assert!(e.to_string().contains("paused"), "{e}");
-    let freezer = Path::new("/sys/fs/cgroup/freezer/tandem-test")
-        .join(&f.id)
+    let freezer = Path::new("/sys/fs/cgroup/freezer")
+        .join(f.rel())
         .join("freezer.state");
     if freezer.exists() {
         assert_eq!(fs::read_to_string(&freezer).unwrap().trim(), "FROZEN");
@@ -866,7 +884,7 @@ fn pure_v2_code_path() {
     ec.cgroup_root = root.clone();
     f.engine = Engine::new(ec);
     let (mut out, pid) = f.create_piped().unwrap();
-    let dir = root.join("tandem-test").join(&f.id);
+    let dir = root.join(f.rel());
     assert!(fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap()
         .contains(&pid.to_string()));
