@@ -132,6 +132,18 @@ fn guest_boots_agent_answers_runs_command_and_powers_off() {
         "/run/tandem/bundles:\n\n/run/tandem/state:\n0\n"
     );
 
+    // The host side may go away and come back (a new session on the same port).
+    drop(client);
+    let client = AgentClient::connect(&qemu.socket, CALL_TIMEOUT).expect("reconnect");
+    client.ping(7).expect("ping after reconnect");
+    assert_eq!(
+        client
+            .version()
+            .expect("version after reconnect")
+            .kernel_release,
+        guest.release
+    );
+
     client.shutdown().expect("shutdown");
     let status = qemu.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
         panic!(

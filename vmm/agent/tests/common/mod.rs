@@ -27,6 +27,27 @@ pub fn guest(no_agent: bool) -> Guest {
     let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let script = repo_root().join("vmm/guest/build.sh");
     let mut cmd = Command::new(&script);
+    // Cargo's per-test environment (CARGO_PKG_*, CARGO_MANIFEST_DIR, …) would make the nested
+    // cargo build see a changed environment and rebuild the agent: pass only what it needs.
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        let k_str = k.to_string_lossy();
+        let keep = matches!(
+            k_str.as_ref(),
+            "PATH"
+                | "HOME"
+                | "CARGO_HOME"
+                | "RUSTUP_HOME"
+                | "RUSTUP_TOOLCHAIN"
+                | "CARGO_TARGET_DIR"
+                | "TMPDIR"
+        ) || k_str.starts_with("TANDEM_")
+            || k_str.starts_with("http")
+            || k_str.starts_with("HTTP");
+        if keep {
+            cmd.env(k, v);
+        }
+    }
     if no_agent {
         cmd.env("TANDEM_GUEST_NO_AGENT", "1");
     }
