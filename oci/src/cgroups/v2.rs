@@ -25,8 +25,15 @@ pub(super) fn create(mount: &Path, rel: &str) -> Result<()> {
             })
             .map(|c| format!("+{c}"))
             .collect();
-        if !missing.is_empty() {
-            write(&cur, "cgroup.subtree_control", &missing.join(" "))?;
+        if !missing.is_empty() && write(&cur, "cgroup.subtree_control", &missing.join(" ")).is_err()
+        {
+            // one controller that cannot be enabled (e.g. cpu with realtime tasks) must not
+            // keep the others off: enable them one by one, warn about the refused ones
+            for m in &missing {
+                if let Err(e) = write(&cur, "cgroup.subtree_control", m) {
+                    tracing::warn!("{e}");
+                }
+            }
         }
         cur = cur.join(comp);
         if let Err(e) = fs::create_dir(&cur) {
