@@ -922,3 +922,31 @@ fn pure_v2_code_path() {
     f.container.take().unwrap().delete().unwrap();
     assert!(!dir.exists());
 }
+
+/// The default spec of containerd 1.6.20 (`ctr oci spec`, saved as test data) with only args,
+/// cgroupsPath and a seccomp profile added, as `ctr run --seccomp` would.
+#[test]
+fn containerd_default_spec_runs() {
+    let base: Value = serde_json::from_str(include_str!("data/ctr-oci-spec-1.6.20.json")).unwrap();
+    let profile: Value =
+        serde_json::from_str(include_str!("data/seccomp-containerd-1.6.json")).unwrap();
+    let mut f = Fixture::new(
+        "ctrspec",
+        &["sh", "-c", "echo ok; id; cat /proc/self/cgroup | wc -l"],
+        |c| {
+            let id = c["linux"]["cgroupsPath"].clone();
+            let args = c["process"]["args"].clone();
+            *c = base;
+            c["process"]["args"] = args;
+            c["process"]["env"] = json!(["PATH=/bin"]);
+            c["linux"]["cgroupsPath"] = id;
+            c["linux"]["seccomp"] = profile;
+        },
+    );
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    assert!(
+        out.starts_with("ok\nuid=0(root) gid=0(root)") || out.starts_with("ok\nuid=0 gid=0"),
+        "{out}"
+    );
+}
