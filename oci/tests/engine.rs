@@ -584,6 +584,17 @@ fn bad_spec_leaves_nothing() {
     assert!(e.contains("linux.namespaces[0].type"), "{e}");
     assert_gone(&f);
 
+    // valid syntax, refused by the kernel (no cpu 63 here): undone after the cgroups were made
+    let mut f = Fixture::new("cpu63", &["true"], |c| {
+        c["linux"]["resources"]["cpu"] = json!({"cpus": "63"})
+    });
+    let e = f.create_piped().unwrap_err();
+    assert!(
+        matches!(e, Error::Cgroup { ref path, .. } if path.ends_with("cpuset.cpus")),
+        "{e}"
+    );
+    assert_gone(&f);
+
     let mut f = Fixture::new("noroot", &["true"], |c| {
         c["root"]["path"] = json!("missing")
     });
