@@ -34,7 +34,7 @@ fn main() {
         let t = q.started.elapsed();
 
         let started = Instant::now();
-        let mut b = common::Qemu::start_with(&bare.kernel, &bare.initrd, "tandem_poweroff=1")
+        let mut b = common::Qemu::start_with(&bare.kernel, &bare.initrd, "tandem_poweroff=1", &[])
             .expect("start qemu");
         b.wait_exit(Duration::from_secs(60))
             .expect("bare guest powers off");

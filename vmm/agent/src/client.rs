@@ -67,8 +67,11 @@ fn check_string(path: &Path, call: &'static str, field: &str, s: &str) -> Result
     Ok(())
 }
 
+/// Guest-provided text shown in errors is cut to this many characters.
+const MAX_SHOWN: usize = 1024;
+
 fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
+    s.chars().take(MAX_SHOWN).collect()
 }
 
 impl AgentClient {

@@ -170,6 +170,36 @@ fn parse_options(opts: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
+/// Overlay needs its upperdir and workdir to exist: make them, when they are inside the bundle
+/// (typically on a tmpfs or a writable disk mounted there by an earlier mount of the list).
+fn make_overlay_dirs(bundle: &Path, options: &[String]) -> VResult<()> {
+    for o in options.iter().flat_map(|o| o.split(',')) {
+        let Some(dir) = o
+            .strip_prefix("upperdir=")
+            .or_else(|| o.strip_prefix("workdir="))
+        else {
+            continue;
+        };
+        let rel = Path::new(dir).strip_prefix(bundle).map_err(|_| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!(
+                    "overlay option {o:?}: must be inside the bundle {}",
+                    bundle.display()
+                ),
+            )
+        })?;
+        let path = inside(bundle, &rel.to_string_lossy())?;
+        std::fs::create_dir_all(&path).map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("mkdir {}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// `rel` as a path inside `base`: relative, no `..`.
 fn inside(base: &Path, rel: &str) -> VResult<PathBuf> {
     let p = Path::new(rel);
@@ -301,6 +331,9 @@ impl Containers {
                         format!("mkdir {}: {e}", target.display()),
                     )
                 })?;
+                if m.fstype == "overlay" {
+                    make_overlay_dirs(&bundle, &m.options)?;
+                }
                 let (flags, data) = parse_options(&m.options);
                 let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
                 mount(
@@ -590,6 +623,24 @@ mod tests {
         for bad in ["", "/etc", "../x", "rootfs/../../x", "./rootfs"] {
             assert!(inside(b, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn overlay_dirs_are_made_inside_the_bundle_only() {
+        let t = tempfile::tempdir().unwrap();
+        let b = t.path().join("bundle");
+        let up = format!("upperdir={}/rw/upper", b.display());
+        let work = format!("workdir={}/rw/work", b.display());
+        make_overlay_dirs(&b, &["lowerdir=/x".into(), up, work]).unwrap();
+        assert!(b.join("rw/upper").is_dir() && b.join("rw/work").is_dir());
+        for bad in [
+            "upperdir=/etc/x".to_string(),
+            format!("workdir={}/../escape", b.display()),
+        ] {
+            let e = make_overlay_dirs(&b, std::slice::from_ref(&bad)).unwrap_err();
+            assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT, "{bad}");
+        }
+        assert!(!t.path().join("escape").exists());
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use tandem_agent::client::{AgentClient, Command};
+use tandem_agent::client::{AgentClient, Command, Mount};
 use tandem_agent::Error;
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
@@ -224,4 +224,140 @@ fn guest_without_agent_times_out_with_clear_error() {
     );
     drop(qemu);
     assert!(!common::pid_alive(pid), "qemu {pid} left behind");
+}
+
+/// The recommended rootfs path (docs/vm-mode.md): an image layer as an erofs image on a
+/// read-only virtio-blk disk, stacked in the guest with overlay over a writable tmpfs, all mounted
+/// by CreateContainer; writes land in the upper layer and the container sees them.
+#[test]
+fn container_rootfs_from_erofs_layer_and_overlay() {
+    let guest = common::guest(false);
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    for d in ["bin", "proc", "etc"] {
+        std::fs::create_dir_all(layer.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", layer.join("bin/busybox")).unwrap();
+    std::fs::write(layer.join("etc/marker"), b"from-erofs\n").unwrap();
+    let image = dir.path().join("layer.erofs");
+    let started = Instant::now();
+    let st = std::process::Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&image)
+        .arg(&layer)
+        .status()
+        .expect("run mkfs.erofs (erofs-utils)");
+    assert!(st.success(), "mkfs.erofs: {st}");
+    eprintln!(
+        "mkfs.erofs of a {} byte layer: {:?}",
+        std::fs::metadata(layer.join("bin/busybox")).unwrap().len(),
+        started.elapsed()
+    );
+
+    let _slot = common::qemu_slot();
+    let disk = [
+        "-drive".to_string(),
+        format!(
+            "file={},if=none,format=raw,readonly=on,id=layer0",
+            image.display()
+        ),
+        "-device".to_string(),
+        "virtio-blk-pci,drive=layer0,serial=layer0".to_string(),
+    ];
+    let mut qemu =
+        common::Qemu::start_with(&guest.kernel, &guest.initrd, "", &disk).expect("start qemu");
+    let client = AgentClient::connect(&qemu.socket, CALL_TIMEOUT).expect("connect agent socket");
+    client
+        .version_within(BOOT_DEADLINE)
+        .unwrap_or_else(|e| panic!("{e}\nconsole:\n{}", qemu.console()));
+    let serial = client
+        .run_command(&Command {
+            argv: vec![
+                "/bin/busybox".into(),
+                "cat".into(),
+                "/sys/block/vda/serial".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("read the disk serial");
+    assert_eq!(
+        serial.stdout, b"layer0",
+        "the layer disk is found by its serial"
+    );
+
+    let id = "c2";
+    let b = format!("/run/tandem/bundles/{id}");
+    let mounts = [
+        Mount {
+            fstype: "erofs".into(),
+            source: "/dev/vda".into(),
+            target: "layers/0".into(),
+            options: vec!["ro".into()],
+        },
+        Mount {
+            fstype: "tmpfs".into(),
+            source: "tmpfs".into(),
+            target: "rw".into(),
+            options: vec!["mode=0755".into()],
+        },
+        Mount {
+            fstype: "overlay".into(),
+            source: "overlay".into(),
+            target: "rootfs".into(),
+            options: vec![format!(
+                "lowerdir={b}/layers/0,upperdir={b}/rw/upper,workdir={b}/rw/work"
+            )],
+        },
+    ];
+    let spec = common::busybox_spec(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "cat /etc/marker; echo changed > /etc/marker; cat /etc/marker",
+    ]);
+    client
+        .create_container(id, &spec, &mounts, false)
+        .expect("CreateContainer on erofs + overlay");
+    client.start_container(id).expect("StartContainer");
+    assert_eq!(
+        client
+            .wait_process(id, "", Duration::from_secs(20))
+            .expect("WaitProcess")
+            .status,
+        0
+    );
+    let out = common::read_all(&client, id, "", false, Duration::from_secs(10));
+    assert_eq!(String::from_utf8_lossy(&out), "from-erofs\nchanged\n");
+    // The write went to the upper layer; the erofs layer is unchanged.
+    let check = client
+        .run_command(&Command {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("cat {b}/rw/upper/etc/marker {b}/layers/0/etc/marker"),
+            ],
+            ..Default::default()
+        })
+        .expect("inspect the layers");
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout),
+        "changed\nfrom-erofs\n"
+    );
+    client.remove_container(id).expect("RemoveContainer");
+    let left = client
+        .run_command(&Command {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "grep -c /run/tandem /proc/mounts; ls /run/tandem/bundles".into(),
+            ],
+            ..Default::default()
+        })
+        .expect("look for leftovers");
+    assert_eq!(String::from_utf8_lossy(&left.stdout), "0\n");
+    client.shutdown().expect("shutdown");
+    let status = qemu
+        .wait_exit(Duration::from_secs(30))
+        .expect("qemu exits after Shutdown");
+    assert!(status.success());
 }

@@ -97,11 +97,16 @@ pub struct Qemu {
 impl Qemu {
     /// Start QEMU (TCG, q35) with the agent's virtio-serial port on a unix socket.
     pub fn start(kernel: &Path, initrd: &Path) -> Result<Qemu, String> {
-        Self::start_with(kernel, initrd, "")
+        Self::start_with(kernel, initrd, "", &[])
     }
 
     /// As [`Qemu::start`], with `extra` appended to the kernel command line.
-    pub fn start_with(kernel: &Path, initrd: &Path, extra: &str) -> Result<Qemu, String> {
+    pub fn start_with(
+        kernel: &Path,
+        initrd: &Path,
+        extra: &str,
+        extra_args: &[String],
+    ) -> Result<Qemu, String> {
         for (what, p) in [("kernel", kernel), ("initrd", initrd)] {
             if !p.is_file() {
                 return Err(format!("{what} {}: no such file", p.display()));
@@ -144,6 +149,7 @@ impl Qemu {
                 "-device",
                 "virtserialport,bus=vser0.0,chardev=agent,name=tandem.agent",
             ])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
