@@ -310,6 +310,16 @@ impl Containerd {
         std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
     }
 
+    /// Copies containerd's log to `<workspace>/target/tandem-test-logs/<namespace>.log` (it
+    /// would go with the temp dir) and returns that path.
+    pub fn keep_log(&self) -> PathBuf {
+        let dir = workspace_dir().join("target/tandem-test-logs");
+        let _ = std::fs::create_dir_all(&dir);
+        let dest = dir.join(format!("{}.log", self.namespace));
+        let _ = std::fs::copy(self.dir().join("containerd.log"), &dest);
+        dest
+    }
+
     /// The last `n` lines of containerd's log.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();
@@ -458,7 +468,14 @@ impl Containerd {
         }
         // Processes naming the id (container processes with the id in their args, shims).
         for (pid, cmd) in processes_matching(id) {
-            found.push(format!("process {pid}: {cmd}"));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let state: Vec<&str> = status
+                .lines()
+                .filter(|l| {
+                    l.starts_with("State:") || l.starts_with("PPid:") || l.starts_with("Threads:")
+                })
+                .collect();
+            found.push(format!("process {pid} ({}): {cmd}", state.join(", ")));
         }
         // State directories.
         let state = self
@@ -490,18 +507,38 @@ impl Containerd {
     }
 
     /// Asserts that none of `ids` left anything behind, giving asynchronous teardown (shim
-    /// exit after delete) up to 5 s.
+    /// exit after delete) up to `TANDEM_LEAK_GRACE_SECS` (default 5 s).
     pub fn assert_no_leaks(&self, ids: &[&str]) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let grace = std::env::var("TANDEM_LEAK_GRACE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(grace);
         loop {
             let leaks: Vec<String> = ids.iter().flat_map(|id| self.leaks(id)).collect();
             if leaks.is_empty() {
+                if t0.elapsed() > Duration::from_secs(1) {
+                    eprintln!("leak check: clean only after {:?}", t0.elapsed());
+                }
                 return;
             }
             if Instant::now() > deadline {
+                let shown = if ids.len() > 5 {
+                    format!(
+                        "{} containers ({} .. {})",
+                        ids.len(),
+                        ids[0],
+                        ids[ids.len() - 1]
+                    )
+                } else {
+                    format!("{ids:?}")
+                };
+                let kept = self.keep_log();
                 panic!(
-                    "leaks after {ids:?}:\n  {}\ncontainerd log tail:\n{}",
+                    "leaks after {shown}:\n  {}\ncontainerd log (whole: {}) tail:\n{}",
                     leaks.join("\n  "),
+                    kept.display(),
                     self.log_tail(30)
                 );
             }
