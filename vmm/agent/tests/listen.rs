@@ -194,6 +194,17 @@ fn container_lifecycle_on_the_host() {
     std::fs::create_dir_all(rootfs.join("proc")).unwrap();
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
     let id = format!("tandem-agent-test-{}", std::process::id());
+    // Should an assertion fail half way, remove the container before the agent is killed, so
+    // that no mount, cgroup or process is left on the host.
+    struct Cleanup<'a>(&'a AgentClient, &'a str);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = self.0.remove_container(self.1);
+            }
+        }
+    }
+    let _cleanup = Cleanup(&c, &id);
     common::container_lifecycle(&c, &id, rootfs.to_str().unwrap());
     let bundle = agent._dir.path().join("root/bundles").join(&id);
     assert!(!bundle.exists(), "bundle {} left behind", bundle.display());
