@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,8 +55,6 @@ fn open_port(path: &Path) -> Result<File> {
     .map_err(|e| port_err(path, format!("O_ASYNC: {e}")))?;
     Ok(port)
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 fn wait_sigio() {
     let mut set = nix::sys::signal::SigSet::empty();
