@@ -1,5 +1,6 @@
 //! tandem's own microVM: a KVM VMM on the rust-vmm crates.
 
+pub mod arch;
 pub mod backend;
 pub mod bus;
 pub mod control;

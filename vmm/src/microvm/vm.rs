@@ -13,10 +13,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{BootMode, VmConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{VcpuThread, VmState};
+use crate::microvm::arch::{acpi, boot};
 use crate::microvm::bus::{Bus, SharedDevice};
 use crate::microvm::devices::block::Block;
 use crate::microvm::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
-use crate::microvm::devices::power::{AcpiPowerOff, PM1A_CNT_LEN, PM1A_CNT_PORT};
+use crate::microvm::devices::power::{
+    AcpiPowerOff, AcpiSleepControl, PM1A_CNT_LEN, PM1A_CNT_PORT, SLEEP_CONTROL_PORT,
+};
 use crate::microvm::devices::serial::{SerialDevice, SerialOut, COM1_IRQ, COM1_PORT};
 use crate::microvm::memory::{self, GuestRam};
 use crate::microvm::seccomp;
@@ -103,12 +106,6 @@ impl Vm {
                 feature: format!("virtio-vsock on {}", v.uds_path.display()),
             });
         }
-        if config.boot == BootMode::Linux {
-            return Err(Error::Unsupported {
-                backend: BACKEND,
-                feature: format!("Linux boot of {}", config.kernel.display()),
-            });
-        }
 
         let kvm = Kvm::new_with_path(c"/dev/kvm")
             .map_err(|e| Error::io(KVM_PATH, std::io::Error::from_raw_os_error(e.errno())))?;
@@ -178,6 +175,18 @@ impl Vm {
         let power: SharedDevice = Arc::new(Mutex::new(AcpiPowerOff::new(exit.clone())));
         pio.insert(power, PM1A_CNT_PORT, PM1A_CNT_LEN)
             .map_err(|e| dev_err("ACPI PM1a_CNT", format!("{e:?}")))?;
+        let sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleepControl::new(exit.clone())));
+        pio.insert(sleep, SLEEP_CONTROL_PORT, 2)
+            .map_err(|e| dev_err("ACPI sleep control", format!("{e:?}")))?;
+        if irqchip && config.boot == BootMode::Linux {
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm_fd
+                .create_pit2(pit)
+                .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+        }
 
         // virtio-mmio devices.
         let mut mmio = Bus::new();
@@ -203,33 +212,64 @@ impl Vm {
         }
 
         // Payload.
-        let BootMode::Flat { load_addr, mode } = config.boot else {
-            unreachable!("Linux boot refused above");
+        let n = config.vcpus.len();
+        let entry = match config.boot {
+            BootMode::Linux => {
+                let devs: Vec<acpi::MmioDevice> = virtio
+                    .iter()
+                    .map(|v| acpi::MmioDevice {
+                        base: v.base,
+                        len: MMIO_WINDOW,
+                        gsi: v.gsi,
+                    })
+                    .collect();
+                let rsdp = acpi::write_tables(&memory.mem, n, &devs)?;
+                Some(boot::load_linux(
+                    &memory.mem,
+                    config.memory.size_mib << 20,
+                    &config.kernel,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                    rsdp,
+                )?)
+            }
+            BootMode::Flat { load_addr, .. } => {
+                let payload =
+                    std::fs::read(&config.kernel).map_err(|e| Error::io(&config.kernel, e))?;
+                memory
+                    .mem
+                    .write_slice(&payload, GuestAddress(load_addr))
+                    .map_err(|e| {
+                        Error::invalid(
+                            "kernel",
+                            format!(
+                                "{}: {} bytes at {load_addr:#x} do not fit in guest memory: {e}",
+                                config.kernel.display(),
+                                payload.len()
+                            ),
+                        )
+                    })?;
+                None
+            }
         };
-        let payload = std::fs::read(&config.kernel).map_err(|e| Error::io(&config.kernel, e))?;
-        memory
-            .mem
-            .write_slice(&payload, GuestAddress(load_addr))
-            .map_err(|e| {
-                Error::invalid(
-                    "kernel",
-                    format!(
-                        "{}: {} bytes at {load_addr:#x} do not fit in guest memory: {e}",
-                        config.kernel.display(),
-                        payload.len()
-                    ),
-                )
-            })?;
 
         // vCPUs.
-        let n = config.vcpus.len();
         let mut pending = Vec::with_capacity(n);
         for index in 0..n {
             let fd = vm_fd
                 .create_vcpu(index as u64)
                 .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {index}"), e))?;
             vcpu::setup_common(&kvm, &fd, index, n, irqchip)?;
-            vcpu::setup_flat_entry(&fd, index, load_addr, mode)?;
+            match (&config.boot, entry) {
+                (BootMode::Flat { load_addr, mode }, _) => {
+                    vcpu::setup_flat_entry(&fd, index, *load_addr, *mode)?
+                }
+                // APs stay in wait-for-SIPI; the kernel starts them through the local APIC.
+                (BootMode::Linux, Some(e)) if index == 0 => {
+                    boot::setup_boot_vcpu(&memory.mem, &fd, e)?
+                }
+                _ => {}
+            }
             pending.push(fd);
         }
 
