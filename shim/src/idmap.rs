@@ -98,7 +98,7 @@ impl PoolConfig {
                 msg,
             })
         };
-        if self.size == 0 || self.size % RANGE_SIZE != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(RANGE_SIZE) {
             return bad(format!(
                 "size {} is not a positive multiple of {RANGE_SIZE}",
                 self.size
