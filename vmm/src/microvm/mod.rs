@@ -5,6 +5,8 @@ pub mod backend;
 pub mod bus;
 pub mod control;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod memory;
 pub mod seccomp;
 pub mod server;
