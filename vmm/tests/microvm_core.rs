@@ -460,3 +460,67 @@ fn guest_driver_drives_the_virtio_block_state_machine() {
     assert!(t.queue_ready(0));
     assert_eq!(read(&dir.0.join("serial.log")), "v2Z0");
 }
+
+#[test]
+fn disks_and_several_nics_appear_as_virtio_mmio_devices() {
+    // In a private network namespace, so that the taps never touch the host's.
+    std::thread::spawn(|| {
+        // SAFETY: affects only this thread (and the vCPU threads it starts).
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let dir = TempDir::new("nics");
+        let disk = dir.0.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let mut a = common::Asm::default();
+        for i in 0..3u32 {
+            a.load_eax(common::VIRTIO_BASE + 0x1000 * i + 8)
+                .add_al(b'0')
+                .serial_al();
+        }
+        // Config space of the second NIC: last MAC byte.
+        a.load_al(common::VIRTIO_BASE + 0x2000 + 0x100 + 5)
+            .serial_al();
+        a.power_off();
+        let mut cfg = config(
+            &dir.0,
+            &a.0,
+            CpuMode::Protected32,
+            vec![VcpuConfig { host_cpu: None }],
+        );
+        cfg.disks.push(tandem_vmm::DiskConfig {
+            path: disk,
+            read_only: false,
+        });
+        for (i, tap) in ["tndvm0", "tndvm1"].iter().enumerate() {
+            cfg.nics.push(tandem_vmm::NicConfig {
+                tap: tap.to_string(),
+                mac: [2, 0, 0, 0, 0, b'a' + i as u8],
+            });
+        }
+        let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+        let names: Vec<String> = vm.virtio_devices().iter().map(|d| d.name.clone()).collect();
+        assert!(names[0].starts_with("virtio-block "), "{names:?}");
+        assert_eq!(
+            names[1..],
+            ["virtio-net tap tndvm0", "virtio-net tap tndvm1"]
+        );
+        let gsis: Vec<u32> = vm.virtio_devices().iter().map(|d| d.gsi).collect();
+        assert_eq!(gsis, [5, 6, 7]);
+        let ifindex = |n: &str| {
+            let c = std::ffi::CString::new(n).unwrap();
+            // SAFETY: valid C string; looks the name up in this thread's network namespace.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        assert!(ifindex("tndvm1") > 0);
+        vm.start().unwrap();
+        assert_eq!(
+            wait_exit(&vm, Duration::from_secs(10)),
+            Some(ExitReason::PowerOff)
+        );
+        drop(vm);
+        assert_eq!(read(&dir.0.join("serial.log")), "211b");
+        // The taps were not persistent: closing the VM removed them.
+        assert_eq!(ifindex("tndvm1"), 0);
+    })
+    .join()
+    .unwrap();
+}

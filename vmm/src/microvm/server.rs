@@ -16,6 +16,7 @@ use crate::microvm::Vm;
 const EXIT_TOKEN: u64 = 1;
 const LISTEN_TOKEN: u64 = 2;
 const VIRTIO_TOKEN: u64 = 100;
+const DEVICE_FD_TOKEN: u64 = 1000;
 /// Chains one queue may complete per wake-up before other events get their turn.
 pub const QUEUE_BUDGET: usize = 32;
 /// How long one control client may take to send its request.
@@ -117,6 +118,18 @@ pub fn serve(
                 EpollEvent::new(EventSet::IN, VIRTIO_TOKEN + i as u64),
             )
             .map_err(|e| ioerr(&format!("epoll add {}", d.name), e))?;
+        if let Some((fd, _)) = t.device().event_fd() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        DEVICE_FD_TOKEN + i as u64,
+                    ),
+                )
+                .map_err(|e| ioerr(&format!("epoll add {} host fd", d.name), e))?;
+        }
     }
     if let Some(f) = filter {
         seccompiler::apply_filter(&f).map_err(|e| Error::Device {
@@ -156,6 +169,16 @@ pub fn serve(
                         }
                     }
                 },
+                t if t >= DEVICE_FD_TOKEN => {
+                    if let Some(d) = devices.get((t - DEVICE_FD_TOKEN) as usize) {
+                        let mut tr = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some((_, q)) = tr.device().event_fd() {
+                            if tr.process_event(q, QUEUE_BUDGET) {
+                                let _ = tr.notify_event().write(1);
+                            }
+                        }
+                    }
+                }
                 t if t >= VIRTIO_TOKEN => {
                     if let Some(d) = devices.get((t - VIRTIO_TOKEN) as usize) {
                         let mut tr = d.transport.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,6 +17,7 @@ use crate::microvm::arch::{acpi, boot};
 use crate::microvm::bus::{Bus, SharedDevice};
 use crate::microvm::devices::block::Block;
 use crate::microvm::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::microvm::devices::net::Net;
 use crate::microvm::devices::power::{
     AcpiPowerOff, AcpiSleepControl, PM1A_CNT_LEN, PM1A_CNT_PORT, SLEEP_CONTROL_PORT,
 };
@@ -94,12 +95,6 @@ impl Vm {
     /// irqchip, the platform devices and the vCPUs, and loads the payload. No guest code runs yet.
     pub fn create(config: &VmConfig, opts: VmOptions) -> Result<Self> {
         config.validate()?;
-        if let Some(n) = config.nics.first() {
-            return Err(Error::Unsupported {
-                backend: BACKEND,
-                feature: format!("virtio-net NIC on tap {}", n.tap),
-            });
-        }
         if let Some(v) = &config.vsock {
             return Err(Error::Unsupported {
                 backend: BACKEND,
@@ -191,14 +186,21 @@ impl Vm {
         // virtio-mmio devices.
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
-        if config.disks.len() > MAX_VIRTIO_DEVICES {
+        let ndev = config.disks.len() + config.nics.len();
+        if ndev > MAX_VIRTIO_DEVICES {
             return Err(Error::invalid(
-                "disks",
-                format!("{} disks, at most {MAX_VIRTIO_DEVICES}", config.disks.len()),
+                "disks, nics",
+                format!("{ndev} virtio devices, at most {MAX_VIRTIO_DEVICES}"),
             ));
         }
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(ndev);
         for d in &config.disks {
-            let dev: Box<dyn VirtioDevice> = Box::new(Block::open(&d.path, d.read_only)?);
+            devices.push(Box::new(Block::open(&d.path, d.read_only)?));
+        }
+        for n in &config.nics {
+            devices.push(Box::new(Net::open(n)?));
+        }
+        for dev in devices {
             let i = virtio.len();
             virtio.push(Self::add_virtio(
                 &vm_fd,
@@ -325,7 +327,7 @@ impl Vm {
         })
     }
 
-    /// The virtio-mmio devices, in order (disks first).
+    /// The virtio-mmio devices, in order (disks, then NICs).
     pub fn virtio_devices(&self) -> &[VirtioSlot] {
         &self.virtio
     }

@@ -2,5 +2,6 @@
 
 pub mod block;
 pub mod i8042;
+pub mod net;
 pub mod power;
 pub mod serial;

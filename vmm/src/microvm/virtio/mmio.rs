@@ -175,6 +175,14 @@ impl MmioTransport {
         more
     }
 
+    /// The device's host fd became readable: process its queue.
+    pub fn process_event(&mut self, queue: usize, budget: usize) -> bool {
+        if queue < 64 {
+            self.pending |= 1 << queue;
+        }
+        self.process(budget)
+    }
+
     fn reset(&mut self) {
         for q in &mut self.queues {
             q.reset();

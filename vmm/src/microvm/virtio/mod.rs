@@ -58,6 +58,11 @@ pub trait VirtioDevice: Send {
         queue: &mut Queue,
         budget: usize,
     ) -> Processed;
+    /// A host fd whose readability means work for queue `.1` (e.g. a tap for RX); the event loop
+    /// watches it edge-triggered.
+    fn event_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
     /// Called on device reset (status 0).
     fn reset(&mut self) {}
 }
