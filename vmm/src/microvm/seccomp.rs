@@ -53,6 +53,7 @@ const VMM_EXTRA: &[libc::c_long] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
     libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_ioctl,

@@ -11,6 +11,7 @@ use crate::config::validate_nic;
 use crate::error::{Error, Result};
 use crate::microvm::control::{read_line, Request, Response};
 use crate::microvm::vcpu::ExitReason;
+use crate::microvm::vm::VirtioSlot;
 use crate::microvm::Vm;
 
 const EXIT_TOKEN: u64 = 1;
@@ -22,7 +23,7 @@ pub const QUEUE_BUDGET: usize = 32;
 /// How long one control client may take to send its request.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn handle(vm: &mut Vm, req: Request) -> Response {
+fn handle(vm: &mut Vm, req: Request, added: &mut Option<VirtioSlot>) -> Response {
     let mut resp = Response::default();
     let r: Result<()> = match req {
         Request::State => Ok(()),
@@ -38,9 +39,8 @@ fn handle(vm: &mut Vm, req: Request) -> Response {
         }
         Request::AddNic { nic } => match validate_nic(&nic) {
             Err(reason) => Err(Error::invalid("nic", reason)),
-            Ok(()) => Err(Error::Unsupported {
-                backend: "microvm",
-                feature: format!("virtio-net NIC on tap {}", nic.tap),
+            Ok(()) => vm.hot_add_nic(&nic).map(|slot| {
+                *added = Some(slot);
             }),
         },
     };
@@ -51,7 +51,11 @@ fn handle(vm: &mut Vm, req: Request) -> Response {
     resp
 }
 
-fn serve_client(vm: &mut Vm, mut s: UnixStream) -> std::io::Result<bool> {
+fn serve_client(
+    vm: &mut Vm,
+    mut s: UnixStream,
+    added: &mut Option<VirtioSlot>,
+) -> std::io::Result<bool> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -61,7 +65,7 @@ fn serve_client(vm: &mut Vm, mut s: UnixStream) -> std::io::Result<bool> {
     {
         Ok(req) => {
             let shutdown = req == Request::Shutdown;
-            let r = handle(vm, req);
+            let r = handle(vm, req, added);
             let mut line = serde_json::to_vec(&r).unwrap_or_default();
             line.push(b'\n');
             s.write_all(&line)?;
@@ -77,6 +81,36 @@ fn serve_client(vm: &mut Vm, mut s: UnixStream) -> std::io::Result<bool> {
     line.push(b'\n');
     s.write_all(&line)?;
     Ok(false)
+}
+
+/// Watches a virtio device's notify eventfd (and its host fd, edge-triggered).
+fn register(epoll: &Epoll, devices: &mut Vec<VirtioSlot>, d: VirtioSlot) -> Result<()> {
+    let ioerr = |what: String, e: std::io::Error| Error::Device {
+        device: "event loop".into(),
+        reason: format!("{what}: {e}"),
+    };
+    let i = devices.len() as u64;
+    {
+        let t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                t.notify_event().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, VIRTIO_TOKEN + i),
+            )
+            .map_err(|e| ioerr(format!("epoll add {}", d.name), e))?;
+        if let Some((fd, _)) = t.device().event_fd() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, DEVICE_FD_TOKEN + i),
+                )
+                .map_err(|e| ioerr(format!("epoll add {} host fd", d.name), e))?;
+        }
+    }
+    devices.push(d);
+    Ok(())
 }
 
 /// Runs the loop until the guest ends the VM or a client asks for shutdown. If `filter` is given
@@ -108,28 +142,9 @@ pub fn serve(
             EpollEvent::new(EventSet::IN, LISTEN_TOKEN),
         )
         .map_err(|e| ioerr("epoll add control socket", e))?;
-    let devices: Vec<_> = vm.virtio_devices().to_vec();
-    for (i, d) in devices.iter().enumerate() {
-        let t = d.transport.lock().unwrap_or_else(|p| p.into_inner());
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                t.notify_event().as_raw_fd(),
-                EpollEvent::new(EventSet::IN, VIRTIO_TOKEN + i as u64),
-            )
-            .map_err(|e| ioerr(&format!("epoll add {}", d.name), e))?;
-        if let Some((fd, _)) = t.device().event_fd() {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(
-                        EventSet::IN | EventSet::EDGE_TRIGGERED,
-                        DEVICE_FD_TOKEN + i as u64,
-                    ),
-                )
-                .map_err(|e| ioerr(&format!("epoll add {} host fd", d.name), e))?;
-        }
+    let mut devices: Vec<VirtioSlot> = Vec::new();
+    for d in vm.virtio_devices().to_vec() {
+        register(&epoll, &mut devices, d)?;
     }
     if let Some(f) = filter {
         seccompiler::apply_filter(&f).map_err(|e| Error::Device {
@@ -137,7 +152,8 @@ pub fn serve(
             reason: e.to_string(),
         })?;
     }
-    let mut events = vec![EpollEvent::default(); 4];
+    let mut events = vec![EpollEvent::default(); 16];
+    let mut added = None;
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -154,12 +170,16 @@ pub fn serve(
                 }
                 LISTEN_TOKEN => loop {
                     match listener.accept() {
-                        Ok((s, _)) => match serve_client(&mut vm, s) {
+                        Ok((s, _)) => match serve_client(&mut vm, s, &mut added) {
                             Ok(true) => {
                                 let reason = vm.exit_reason().unwrap_or(ExitReason::Shutdown);
                                 return Ok(reason);
                             }
-                            Ok(false) => {}
+                            Ok(false) => {
+                                if let Some(d) = added.take() {
+                                    register(&epoll, &mut devices, d)?;
+                                }
+                            }
                             Err(e) => tracing::warn!("control client: {e}"),
                         },
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

@@ -327,6 +327,45 @@ impl Vm {
         })
     }
 
+    /// Adds a virtio-net NIC to the running VM in the next free virtio-mmio window and returns
+    /// its slot. The device answers at once; the guest finds it by probing the window (there is no
+    /// ACPI hotplug notification yet).
+    pub fn hot_add_nic(&mut self, nic: &crate::config::NicConfig) -> Result<VirtioSlot> {
+        crate::config::validate_nic(nic).map_err(|r| Error::invalid("nic", r))?;
+        let st = self.state();
+        if st == VmState::Stopped {
+            return Err(Error::BadState {
+                state: st.to_string(),
+                op: format!("hot-add NIC {}", nic.tap),
+            });
+        }
+        let i = self.virtio.len();
+        if i >= MAX_VIRTIO_DEVICES {
+            return Err(Error::invalid(
+                "nic",
+                format!(
+                    "tap {}: all {MAX_VIRTIO_DEVICES} virtio slots are in use",
+                    nic.tap
+                ),
+            ));
+        }
+        let dev = Box::new(Net::open(nic)?);
+        let slot = {
+            let mut bus = self.mmio.write().unwrap_or_else(|p| p.into_inner());
+            Self::add_virtio(
+                &self.vm_fd,
+                self.irqchip,
+                &self.memory,
+                &mut bus,
+                dev,
+                VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                VIRTIO_IRQ_BASE + i as u32,
+            )?
+        };
+        self.virtio.push(slot.clone());
+        Ok(slot)
+    }
+
     /// The virtio-mmio devices, in order (disks, then NICs).
     pub fn virtio_devices(&self) -> &[VirtioSlot] {
         &self.virtio
