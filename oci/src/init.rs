@@ -164,6 +164,8 @@ fn create(chan: &Channel, cfg: CreateConfig) -> R<()> {
         nix::sys::stat::Mode::empty(),
     )
     .map_err(|e| format!("open exec fifo {}: {e}", cfg.fifo.display()))?;
+    // still host root in the host's namespaces: make the idmapped mounts now
+    let idmapped = prepare_idmaps(spec, &cfg.rootfs)?;
 
     let namespaces = spec
         .linux()
@@ -228,13 +230,100 @@ fn create(chan: &Channel, cfg: CreateConfig) -> R<()> {
         unsafe { libc::_exit(0) }
     }
     // the container process (pid 1 of a new pid namespace)
-    let r = container(chan, &cfg, fifo, in_userns);
+    let r = container(chan, &cfg, fifo, in_userns, idmapped);
     let msg = match r {
         Ok(()) => unsafe { libc::_exit(0) },
         Err(m) => m,
     };
     let _ = chan.send(&Msg::Error(msg));
     unsafe { libc::_exit(1) }
+}
+
+/// The idmapped mounts of the container, made while the init is host root and before it
+/// enters any namespace (see the crate docs for when the rootfs is idmapped).
+fn prepare_idmaps(spec: &Spec, rootfs_path: &Path) -> R<rootfs::Idmapped> {
+    use crate::idmap::{idmapped_tree, make_userns, to_host};
+    use std::os::unix::fs::MetadataExt;
+    let mut out = rootfs::Idmapped::default();
+    let linux = spec.linux().as_ref();
+    let user = linux.and_then(|l| l.namespaces().as_ref()).and_then(|n| {
+        n.iter()
+            .find(|n| n.typ() == LinuxNamespaceType::User)
+            .cloned()
+    });
+    let uid = linux
+        .and_then(|l| l.uid_mappings().clone())
+        .unwrap_or_default();
+    let gid = linux
+        .and_then(|l| l.gid_mappings().clone())
+        .unwrap_or_default();
+    // a user namespace with the container's mapping (made at most once)
+    let mut container_ns: Option<OwnedFd> = None;
+    let mut container_userns = |what: &str| -> R<OwnedFd> {
+        if let Some(fd) = &container_ns {
+            return fd.try_clone().map_err(|e| format!("dup userns fd: {e}"));
+        }
+        let fd = match user.as_ref().and_then(|u| u.path().clone()) {
+            Some(p) => OwnedFd::from(
+                fs::File::open(&p)
+                    .map_err(|e| format!("{what}: user namespace {}: {e}", p.display()))?,
+            ),
+            None if !uid.is_empty() && !gid.is_empty() => make_userns(&uid, &gid)
+                .map_err(|e| format!("{what}: user namespace for the container's mapping: {e}"))?,
+            None => return Err(format!("{what}: no user namespace mapping to idmap with")),
+        };
+        let dup = fd.try_clone().map_err(|e| format!("dup userns fd: {e}"))?;
+        container_ns = Some(fd);
+        Ok(dup)
+    };
+    let new_userns = user.as_ref().is_some_and(|u| u.path().is_none());
+    if new_userns && !uid.is_empty() && !gid.is_empty() {
+        let meta = fs::metadata(rootfs_path)
+            .map_err(|e| format!("root.path {}: {e}", rootfs_path.display()))?;
+        // an image already owned by the mapped root (a chown'ed copy) is used as it is
+        if Some(meta.uid()) != to_host(&uid, 0) || Some(meta.gid()) != to_host(&gid, 0) {
+            let ns = container_userns("root.path")?;
+            // overlayfs cannot be idmapped itself: rebuild it on idmapped layers
+            let tree = match crate::idmap::overlay_at(rootfs_path)? {
+                Some(layers) => crate::idmap::idmapped_overlay(
+                    rootfs_path,
+                    &layers,
+                    &ns,
+                    to_host(&uid, 0).unwrap_or(0),
+                    to_host(&gid, 0).unwrap_or(0),
+                ),
+                None => idmapped_tree(rootfs_path, &ns, true, true),
+            }
+            .map_err(|e| format!("root.path: {e}"))?;
+            out.rootfs = Some(tree);
+        }
+    }
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let opts = m.options().clone().unwrap_or_default();
+        let idmap_opt = opts.iter().any(|o| o == "idmap" || o == "ridmap");
+        let maps = match (m.uid_mappings(), m.gid_mappings()) {
+            (Some(u), Some(g)) => Some((u, g)),
+            _ => None,
+        };
+        if !idmap_opt && maps.is_none() {
+            continue;
+        }
+        let what = format!("mounts[{i}] ({})", m.destination().display());
+        let src = m
+            .source()
+            .as_ref()
+            .ok_or_else(|| format!("{what}: bind mount has no source"))?;
+        let ns = match maps {
+            Some((u, g)) => make_userns(u, g).map_err(|e| format!("{what}: {e}"))?,
+            None => container_userns(&what)?,
+        };
+        let rec_clone = opts.iter().any(|o| o == "rbind");
+        let rec_idmap = opts.iter().any(|o| o == "ridmap");
+        let tree =
+            idmapped_tree(src, &ns, rec_clone, rec_idmap).map_err(|e| format!("{what}: {e}"))?;
+        out.mounts.insert(i, tree);
+    }
+    Ok(out)
 }
 
 fn become_root() -> R<()> {
@@ -244,7 +333,13 @@ fn become_root() -> R<()> {
         .map_err(|e| format!("setresuid 0 in the user namespace: {e}"))
 }
 
-fn container(chan: &Channel, cfg: &CreateConfig, fifo: OwnedFd, in_userns: bool) -> R<()> {
+fn container(
+    chan: &Channel,
+    cfg: &CreateConfig,
+    fifo: OwnedFd,
+    in_userns: bool,
+    idmapped: rootfs::Idmapped,
+) -> R<()> {
     let spec = &cfg.spec;
     let process = spec.process().as_ref().ok_or("process missing")?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
@@ -254,7 +349,8 @@ fn container(chan: &Channel, cfg: &CreateConfig, fifo: OwnedFd, in_userns: bool)
         .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::Mount));
     if has_mntns {
-        rootfs::prepare(spec, &cfg.rootfs, &cfg.cgroups, in_userns)?;
+        rootfs::prepare_idmapped(spec, &cfg.rootfs, &cfg.cgroups, in_userns, &idmapped)?;
+        drop(idmapped);
         rootfs::pivot(&cfg.rootfs)?;
     } else {
         return Err("linux.namespaces: a mount namespace is required".into());

@@ -47,25 +47,55 @@
 //! * `exec` spawns the init the same way; it joins `/proc/<pid>/ns/*` of the container's init,
 //!   forks into the pid namespace and execs at once; exec errors come back synchronously.
 //!
+//! # User namespaces and idmapped mounts
+//! A container with a new user namespace (`linux.namespaces` has `user` without a path) needs
+//! `linux.uidMappings` and `linux.gidMappings`; they are checked at create (size > 0, no
+//! overflow past 4294967294, no overlapping container or host ranges, at most 340 lines) and
+//! so are the mappings of mounts. Capabilities of the spec then count inside that namespace
+//! only: e.g. CAP_NET_ADMIN configures the container's own network namespace, not the host's.
+//!
+//! Idmapped mounts (`open_tree(OPEN_TREE_CLONE)` + `mount_setattr(MOUNT_ATTR_IDMAP)`, attached
+//! with `move_mount`) are made by the init while it is still host root, before it enters any
+//! namespace, with a helper user namespace that has the wanted mapping:
+//! * **rootfs**, automatic, no API: when the container gets a new user namespace and the
+//!   rootfs directory is *not* owned by the host IDs that the container's root maps to (i.e.
+//!   it is an ordinary image owned by host root, not a chown'ed copy), the rootfs is idmapped
+//!   with the container's mapping: image files owned by host root appear owned by root inside.
+//!   overlayfs itself cannot be idmapped, so an overlay rootfs (containerd's snapshot) is
+//!   rebuilt as a new overlay on idmapped layers (lower dirs and the upper/work mount, passed
+//!   by fd: Linux 6.13+), created with the container root's host IDs as overlay creator so that
+//!   new files land in the upper dir owned as without a user namespace (on-disk 0).
+//! * **mounts** (bind mounts only): `uidMappings`/`gidMappings` on a mount are honoured as
+//!   given (runtime-spec 1.1; no user namespace needed); the option `idmap` (or `ridmap`,
+//!   recursive) without mappings uses the container's mapping. This is what Kubernetes does
+//!   for `hostUsers: false` volumes: files keep the ownership they have on the host (a host
+//!   root file is root's inside; the container's root writes files owned by host root). A
+//!   plain bind mount is not idmapped: host IDs outside the mapping appear as the overflow
+//!   ID 65534 (a 0600 host-root file is unreadable) and the container's root writes as its
+//!   mapped host ID (e.g. 100000).
+//! * A filesystem or kernel that cannot idmap fails create with an error naming the path,
+//!   the filesystem type and the reason.
+//!
 //! Cgroups: v1, pure v2 and hybrid (v1 controllers plus `unified` cgroup2 with e.g. hugetlb),
 //! cgroupfs-style paths only. On v2 the device rules are an eBPF program
 //! ([`cgroups::devices_bpf`]), attached at create (update does not replace it).
 //!
 //! Not supported (ignored with a warning): hooks, intelRdt, personality, process.scheduler and
 //! ioPriority; apparmor and selinux labels are ignored. Rejected with an error: systemd cgroup
-//! paths, idmapped mounts, `SCMP_ACT_NOTIFY`.
+//! paths, idmapped mounts of non-bind mounts, `SCMP_ACT_NOTIFY`.
 //!
 //! The crate ships `tandem-oci-init`, a minimal binary that only calls [`init_main`]; its
 //! integration tests use it as `init_exe`.
 
 // Module layout (one concern per file): spec (load + validate), state (on disk), cgroups/{mod,
 // v1, v2, devices_bpf}, rootfs (mounts, devices, pivot_root), capabilities, seccomp, sync
-// (socket protocol), process (engine side of spawn), init (the re-executed child: namespaces,
+// (socket protocol), idmap (idmapped mounts), process (engine side of spawn), init (the re-executed child: namespaces,
 // tty, rlimits, user, exec), container (Engine and Container methods).
 
 mod capabilities;
 pub mod cgroups;
 mod container;
+mod idmap;
 mod init;
 mod process;
 pub mod rootfs;

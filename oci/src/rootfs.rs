@@ -1,8 +1,10 @@
 //! The container's root filesystem: propagation, mounts from the spec, devices, pivot_root,
 //! masked and read-only paths. Runs in the container process, in its new mount namespace.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -155,7 +157,7 @@ pub fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, String, bool) {
                 continue;
             }
             // runtime-only options that are not mount data
-            // idmap/ridmap are rejected by spec validation
+            // idmap/ridmap: done by the init with open_tree + mount_setattr (see idmap)
             "tmpcopyup" | "idmap" | "ridmap" | "defaults" => continue,
             other => {
                 data.push(other.to_string());
@@ -217,21 +219,45 @@ fn ensure_dir(p: &Path) -> R<()> {
     fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
 }
 
+/// Detached idmapped mounts made by the init before it entered the container's namespaces
+/// (see `idmap`): the rootfs and bind mounts by their index in `mounts`.
+#[derive(Debug, Default)]
+pub struct Idmapped {
+    pub rootfs: Option<OwnedFd>,
+    pub mounts: BTreeMap<usize, OwnedFd>,
+}
+
 /// Everything before pivot_root. `rootfs` is absolute.
 pub fn prepare(spec: &Spec, rootfs: &Path, cgroups: &[CgroupMount], in_userns: bool) -> R<()> {
+    prepare_idmapped(spec, rootfs, cgroups, in_userns, &Idmapped::default())
+}
+
+/// [`prepare`] with idmapped mounts: the rootfs and the listed bind mounts are attached from
+/// the detached trees in `idmapped` instead of being bind-mounted.
+pub fn prepare_idmapped(
+    spec: &Spec,
+    rootfs: &Path,
+    cgroups: &[CgroupMount],
+    in_userns: bool,
+    idmapped: &Idmapped,
+) -> R<()> {
     let linux = spec.linux().as_ref();
     let prop = propagation(linux.and_then(|l| l.rootfs_propagation().as_deref()));
     nix_mount(None, Path::new("/"), None, prop, None)?;
-    nix_mount(
-        Some(rootfs),
-        rootfs,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
+    match &idmapped.rootfs {
+        Some(tree) => crate::idmap::attach(tree, rootfs).map_err(|e| format!("root.path: {e}"))?,
+        None => nix_mount(
+            Some(rootfs),
+            rootfs,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        )?,
+    }
     let mut dev_is_bind = false;
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
-        mount_one(rootfs, m, cgroups, in_userns).map_err(|e| format!("mounts[{i}]: {e}"))?;
+        mount_one(rootfs, m, cgroups, in_userns, idmapped.mounts.get(&i))
+            .map_err(|e| format!("mounts[{i}]: {e}"))?;
         let opts = m.options().clone().unwrap_or_default();
         if m.destination() == Path::new("/dev")
             && (m.typ().as_deref() == Some("bind")
@@ -254,7 +280,13 @@ pub fn prepare(spec: &Spec, rootfs: &Path, cgroups: &[CgroupMount], in_userns: b
     Ok(())
 }
 
-fn mount_one(rootfs: &Path, m: &Mount, cgroups: &[CgroupMount], in_userns: bool) -> R<()> {
+fn mount_one(
+    rootfs: &Path,
+    m: &Mount,
+    cgroups: &[CgroupMount],
+    in_userns: bool,
+    idmapped: Option<&OwnedFd>,
+) -> R<()> {
     let dest = secure_join(rootfs, m.destination());
     let opts = m.options().clone().unwrap_or_default();
     let (flags, prop, data, _rec) = parse_options(&opts);
@@ -272,8 +304,13 @@ fn mount_one(rootfs: &Path, m: &Mount, cgroups: &[CgroupMount], in_userns: bool)
         } else {
             ensure_file(&dest)?;
         }
-        let bflags = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
-        nix_mount(Some(src), &dest, None, bflags, None)?;
+        match idmapped {
+            Some(tree) => crate::idmap::attach(tree, &dest)?,
+            None => {
+                let bflags = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
+                nix_mount(Some(src), &dest, None, bflags, None)?;
+            }
+        }
         let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
         if !extra.is_empty() {
             let keep = if in_userns {

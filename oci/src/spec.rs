@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Spec};
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -158,27 +158,144 @@ pub fn validate(spec: &Spec) -> Result<()> {
             "config.json: process.scheduler / process.ioPriority are not supported and are ignored"
         );
     }
+    let has_userns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if let Some(linux) = spec.linux() {
+        let (u, g) = (linux.uid_mappings(), linux.gid_mappings());
+        if (u.is_some() || g.is_some()) && !has_userns {
+            return Err(spec_err(
+                "linux.uidMappings",
+                "uid/gid mappings are set but linux.namespaces has no user namespace",
+            ));
+        }
+        if let Some(u) = u {
+            validate_mappings(u, "linux.uidMappings")?;
+        }
+        if let Some(g) = g {
+            validate_mappings(g, "linux.gidMappings")?;
+        }
+    }
     if let Some(mounts) = spec.mounts() {
         for (i, m) in mounts.iter().enumerate() {
-            let idmap = m.uid_mappings().is_some()
-                || m.gid_mappings().is_some()
-                || m.options()
-                    .iter()
-                    .flatten()
-                    .any(|o| o == "idmap" || o == "ridmap");
-            if idmap {
-                return Err(spec_err(
-                    format!("mounts[{i}]"),
-                    format!(
-                        "{}: idmapped mounts are not supported",
-                        m.destination().display()
-                    ),
-                ));
+            let opts = m.options().clone().unwrap_or_default();
+            let idmap_opt = opts.iter().any(|o| o == "idmap" || o == "ridmap");
+            let has_maps = m.uid_mappings().is_some() || m.gid_mappings().is_some();
+            if idmap_opt || has_maps {
+                let is_bind = m.typ().as_deref() == Some("bind")
+                    || opts.iter().any(|o| o == "bind" || o == "rbind");
+                if !is_bind {
+                    return Err(spec_err(
+                        format!("mounts[{i}]"),
+                        format!(
+                            "{}: idmapped mounts are supported for bind mounts only (type {:?})",
+                            m.destination().display(),
+                            m.typ().as_deref().unwrap_or("")
+                        ),
+                    ));
+                }
+                match (m.uid_mappings(), m.gid_mappings()) {
+                    (Some(u), Some(g)) => {
+                        validate_mappings(u, &format!("mounts[{i}].uidMappings"))?;
+                        validate_mappings(g, &format!("mounts[{i}].gidMappings"))?;
+                    }
+                    (None, None) => {
+                        // "idmap" without mappings: the container's user namespace mapping
+                        if !has_userns {
+                            return Err(spec_err(
+                                format!("mounts[{i}].options"),
+                                format!(
+                                    "{}: idmap without uidMappings/gidMappings uses the container's user namespace mapping, but there is no user namespace in linux.namespaces",
+                                    m.destination().display()
+                                ),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err(spec_err(
+                            format!("mounts[{i}]"),
+                            format!(
+                                "{}: an idmapped mount needs both uidMappings and gidMappings",
+                                m.destination().display()
+                            ),
+                        ))
+                    }
+                }
             }
             if !m.destination().is_absolute() {
                 return Err(spec_err(
                     format!("mounts[{i}].destination"),
                     format!("{:?} is not absolute", m.destination()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Most lines a kernel `uid_map` / `gid_map` accepts.
+pub const MAX_MAP_LINES: usize = 340;
+
+/// Checks on id mappings (of the user namespace or of an idmapped mount): sizes, overflow,
+/// overlaps inside and outside, the kernel's line limit. Empty lists are checked by the caller.
+pub fn validate_mappings(maps: &[LinuxIdMapping], field: &str) -> Result<()> {
+    if maps.len() > MAX_MAP_LINES {
+        return Err(spec_err(
+            field,
+            format!(
+                "{} entries; the kernel accepts at most {MAX_MAP_LINES}",
+                maps.len()
+            ),
+        ));
+    }
+    for (i, m) in maps.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if m.size() == 0 {
+            return Err(spec_err(f, "size is 0"));
+        }
+        for (what, start) in [("containerID", m.container_id()), ("hostID", m.host_id())] {
+            let end = u64::from(start) + u64::from(m.size());
+            // the kernel reserves (uid_t)-1: the last valid ID is 4294967294
+            if end > u64::from(u32::MAX) {
+                return Err(spec_err(
+                    f,
+                    format!(
+                        "{what} {start} + size {} goes past the largest ID {}",
+                        m.size(),
+                        u32::MAX - 1
+                    ),
+                ));
+            }
+        }
+        for (j, o) in maps.iter().enumerate().take(i) {
+            let overlap = |a: u32, b: u32| {
+                u64::from(a) < u64::from(b) + u64::from(o.size())
+                    && u64::from(b) < u64::from(a) + u64::from(m.size())
+            };
+            if overlap(m.container_id(), o.container_id()) {
+                return Err(spec_err(
+                    f,
+                    format!(
+                        "containerID range {}+{} overlaps {field}[{j}] ({}+{})",
+                        m.container_id(),
+                        m.size(),
+                        o.container_id(),
+                        o.size()
+                    ),
+                ));
+            }
+            if overlap(m.host_id(), o.host_id()) {
+                return Err(spec_err(
+                    f,
+                    format!(
+                        "hostID range {}+{} overlaps {field}[{j}] ({}+{})",
+                        m.host_id(),
+                        m.size(),
+                        o.host_id(),
+                        o.size()
+                    ),
                 ));
             }
         }
@@ -362,12 +479,109 @@ mod tests {
     }
 
     #[test]
-    fn idmapped_mount_is_rejected() {
-        let t = with(
-            |v| v["mounts"] = serde_json::json!([{"destination":"/data","type":"bind","source":"/tmp","options":["rbind","idmap"]}]),
-        );
+    fn idmapped_mount_checks() {
+        let userns = |v: &mut Value| {
+            v["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"type": "user"}));
+            v["linux"]["uidMappings"] =
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+            v["linux"]["gidMappings"] =
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        };
+        // idmap with the container's mapping needs a user namespace
+        let bind = serde_json::json!([{"destination":"/data","type":"bind","source":"/tmp","options":["rbind","idmap"]}]);
+        let t = with(|v| v["mounts"] = bind.clone());
         let e = parse(&t).unwrap_err().to_string();
-        assert!(e.contains("mounts[0]") && e.contains("idmapped"), "{e}");
+        assert!(
+            e.contains("mounts[0].options") && e.contains("no user namespace"),
+            "{e}"
+        );
+        let t = with(|v| {
+            userns(v);
+            v["mounts"] = bind.clone();
+        });
+        parse(&t).unwrap();
+        // explicit mappings work without a user namespace; both are needed
+        let t = with(|v| {
+            v["mounts"] = serde_json::json!([{"destination":"/d","type":"bind","source":"/tmp",
+                "uidMappings":[{"containerID":0,"hostID":1000,"size":1}],
+                "gidMappings":[{"containerID":0,"hostID":1000,"size":1}]}])
+        });
+        parse(&t).unwrap();
+        let t = with(|v| {
+            v["mounts"] = serde_json::json!([{"destination":"/d","type":"bind","source":"/tmp",
+                "uidMappings":[{"containerID":0,"hostID":1000,"size":1}]}])
+        });
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("both uidMappings and gidMappings"), "{e}");
+        // only bind mounts
+        let t = with(|v| {
+            userns(v);
+            v["mounts"] = serde_json::json!([{"destination":"/t","type":"tmpfs","source":"tmpfs","options":["idmap"]}]);
+        });
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("bind mounts only") && e.contains("tmpfs"), "{e}");
+    }
+
+    #[test]
+    fn bad_mappings_are_named() {
+        let cases: &[(Value, &str)] = &[
+            (
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 0}]),
+                "size is 0",
+            ),
+            (
+                serde_json::json!([{"containerID": 0, "hostID": 4294967000u32, "size": 65536}]),
+                "hostID 4294967000",
+            ),
+            (
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 1000},
+                                   {"containerID": 500, "hostID": 300000, "size": 10}]),
+                "containerID range 500+10 overlaps linux.uidMappings[0]",
+            ),
+            (
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 1000},
+                                   {"containerID": 1000, "hostID": 100999, "size": 10}]),
+                "hostID range 100999+10 overlaps",
+            ),
+        ];
+        for (maps, want) in cases {
+            let t = with(|v| {
+                v["linux"]["namespaces"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({"type": "user"}));
+                v["linux"]["uidMappings"] = maps.clone();
+                v["linux"]["gidMappings"] =
+                    serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+            });
+            let e = parse(&t).unwrap_err().to_string();
+            assert!(
+                e.contains("linux.uidMappings") && e.contains(want),
+                "{want}: {e}"
+            );
+        }
+        let many: Vec<Value> = (0..341)
+            .map(|i| serde_json::json!({"containerID": i, "hostID": 100000 + i, "size": 1}))
+            .collect();
+        let t = with(|v| {
+            v["linux"]["namespaces"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"type": "user"}));
+            v["linux"]["uidMappings"] = Value::Array(many.clone());
+            v["linux"]["gidMappings"] = Value::Array(many.clone());
+        });
+        assert!(parse(&t).unwrap_err().to_string().contains("at most 340"));
+        // mappings without a user namespace
+        let t = with(|v| {
+            v["linux"]["uidMappings"] =
+                serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        });
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("no user namespace"), "{e}");
     }
 
     #[test]

@@ -961,3 +961,428 @@ fn containerd_default_spec_runs() {
         "{out}"
     );
 }
+
+// ---- user namespaces: idmapped rootfs and volumes, namespaced capabilities ----
+
+const MAP_HOST: u32 = 100000;
+
+fn with_userns(c: &mut Value, host: u32) {
+    c["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    c["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": host, "size": 65536}]);
+    c["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": host, "size": 65536}]);
+}
+
+/// The container's root (a host uid > 0) must reach the bundle and the exec fifo.
+fn open_up(f: &Fixture) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(f.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid())
+}
+
+fn write_mode(p: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(p, text).unwrap();
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn link_applets(f: &Fixture, names: &[&str]) {
+    for a in names {
+        let p = f.bundle().join("rootfs/bin").join(a);
+        if fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink("busybox", p).unwrap();
+        }
+    }
+}
+
+/// An overlay mount (like containerd's snapshotter) at the bundle's rootfs, unmounted on drop.
+struct Overlay {
+    target: PathBuf,
+}
+
+impl Overlay {
+    /// Turn `<bundle>/rootfs` into the lower dir of an overlay mounted at `<bundle>/rootfs`.
+    fn over_bundle(f: &Fixture) -> (Overlay, PathBuf) {
+        let b = f.bundle();
+        let lower = f.dir.path().join("lower");
+        fs::rename(b.join("rootfs"), &lower).unwrap();
+        let (upper, work) = (f.dir.path().join("upper"), f.dir.path().join("work"));
+        for d in [&upper, &work, &b.join("rootfs")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &b.join("rootfs"),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .expect("mount overlay");
+        (
+            Overlay {
+                target: b.join("rootfs"),
+            },
+            upper,
+        )
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mountinfo_line<'a>(out: &'a str, mount_point: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(mount_point))
+        .unwrap_or_else(|| panic!("no mountinfo line for {mount_point} in:\n{out}"))
+}
+
+#[test]
+fn idmapped_overlay_rootfs_shows_real_ownership() {
+    let mut f = Fixture::new(
+        "idmroot",
+        &[
+            "sh",
+            "-c",
+            "id -u; stat -c '%u %g' /bin/busybox /etc/secret; cat /etc/secret; \
+             touch /created && echo created; cat /proc/self/uid_map; \
+             cat /proc/self/mountinfo",
+        ],
+        |c| with_userns(c, MAP_HOST),
+    );
+    link_applets(&f, &["touch"]);
+    write_mode(&f.bundle().join("rootfs/etc/secret"), "root-only\n", 0o600);
+    open_up(&f);
+    let (_ov, upper) = Overlay::over_bundle(&f);
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{out}");
+    // image files owned by host root appear owned by the container's root (no chown copy)
+    assert_eq!(lines[1], "0 0", "{out}");
+    assert_eq!(lines[2], "0 0", "{out}");
+    assert_eq!(lines[3], "root-only", "{out}");
+    assert_eq!(lines[4], "created", "{out}");
+    assert_eq!(
+        lines[5].split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"]
+    );
+    // the root is an overlay rebuilt on idmapped layers (overlayfs itself cannot be idmapped)
+    let root = mountinfo_line(&out, "/");
+    assert!(
+        root.contains(" - overlay ") && root.contains("lowerdir+=") && root.contains(" rw,"),
+        "{root}"
+    );
+    // a file the container's root created lands in the upper dir owned by host root, as it
+    // would without a user namespace
+    assert_eq!(owner(&upper.join("created")), (0, 0));
+    f.container.take().unwrap().delete().unwrap();
+    assert_gone(&f);
+}
+
+#[test]
+fn rootfs_owned_by_the_mapped_root_is_not_idmapped() {
+    let mut f = Fixture::new(
+        "chownroot",
+        &[
+            "sh",
+            "-c",
+            "stat -c '%u' / /bin/busybox /etc/secret; cat /etc/secret 2>/dev/null || echo denied; \
+             cat /proc/self/mountinfo",
+        ],
+        |c| with_userns(c, MAP_HOST),
+    );
+    let root = f.bundle().join("rootfs");
+    // a chown'ed copy of the image (what runtimes without idmapped mounts do)
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &d,
+            Some(MAP_HOST.into()),
+            Some(MAP_HOST.into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        if fs::symlink_metadata(&d).unwrap().is_dir() {
+            stack.extend(fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    // ... with one file that belongs to host root: the container must not read it
+    write_mode(&root.join("etc/secret"), "root-only\n", 0o600);
+    open_up(&f);
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..3], ["0", "0", "65534"], "{out}");
+    assert!(!out.contains("root-only"), "{out}");
+    assert_eq!(lines[3], "denied", "{out}");
+    assert!(!mountinfo_line(&out, "/").contains("idmapped"), "{out}");
+}
+
+#[test]
+fn volumes_idmapped_keep_host_ownership_plain_ones_do_not() {
+    let idm = tempfile::tempdir().unwrap();
+    let plain = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(plain.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    for d in [idm.path(), plain.path()] {
+        write_mode(&d.join("secret"), "host-root-only\n", 0o600);
+    }
+    let file = idm.path().join("secret");
+    let (si, sp, sf) = (
+        idm.path().to_str().unwrap().to_string(),
+        plain.path().to_str().unwrap().to_string(),
+        file.to_str().unwrap().to_string(),
+    );
+    let mut f = Fixture::new(
+        "idmvol",
+        &[
+            "sh",
+            "-c",
+            "echo idm=$(cat /idm/secret) plain=$(cat /plain/secret) \
+               file=$(cat /file-plain) fileidm=$(cat /file-idm); \
+             stat -c 'owner %n %u' /idm/secret /plain/secret /file-plain /file-idm; \
+             touch /idm/new /plain/new && echo touched; grep -E ' /(idm|plain) ' /proc/self/mountinfo",
+        ],
+        |c| {
+            with_userns(c, MAP_HOST);
+            let m = c["mounts"].as_array_mut().unwrap();
+            m.push(json!({"destination": "/idm", "type": "bind", "source": si, "options": ["rbind", "idmap"]}));
+            m.push(json!({"destination": "/plain", "type": "bind", "source": sp, "options": ["rbind"]}));
+            m.push(json!({"destination": "/file-plain", "type": "bind", "source": sf, "options": ["bind", "ro"]}));
+            m.push(json!({"destination": "/file-idm", "type": "bind", "source": sf, "options": ["bind", "ro", "idmap"]}));
+        },
+    );
+    link_applets(&f, &["touch"]);
+    open_up(&f);
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    // a 0600 host-root file is readable through the idmapped volume only
+    assert!(
+        out.lines()
+            .any(|l| l == "idm=host-root-only plain= file= fileidm=host-root-only"),
+        "{out}"
+    );
+    for (p, uid) in [
+        ("/idm/secret", 0),
+        ("/plain/secret", 65534),
+        ("/file-plain", 65534),
+        ("/file-idm", 0),
+    ] {
+        assert!(
+            out.lines().any(|l| l == format!("owner {p} {uid}")),
+            "{p}: {out}"
+        );
+    }
+    assert!(out.contains("touched"), "{out}");
+    assert!(mountinfo_line(&out, "/idm").contains("idmapped"), "{out}");
+    assert!(
+        !mountinfo_line(&out, "/plain").contains("idmapped"),
+        "{out}"
+    );
+    // Kubernetes hostUsers:false semantics: through an idmapped volume the container's root
+    // writes as host root; through a plain one as its mapped host uid
+    assert_eq!(owner(&idm.path().join("new")), (0, 0));
+    assert_eq!(owner(&plain.path().join("new")), (MAP_HOST, MAP_HOST));
+}
+
+#[test]
+fn mount_with_its_own_mappings_without_a_user_namespace() {
+    let vol = tempfile::tempdir().unwrap();
+    fs::write(vol.path().join("a"), "x").unwrap();
+    fs::write(vol.path().join("b"), "x").unwrap();
+    nix::unistd::chown(&vol.path().join("b"), Some(5.into()), Some(5.into())).unwrap();
+    let src = vol.path().to_str().unwrap().to_string();
+    let mut f = Fixture::new(
+        "mntmaps",
+        &["sh", "-c", "stat -c '%n %u %g' /v/a /v/b"],
+        |c| {
+            c["mounts"].as_array_mut().unwrap().push(json!({
+                "destination": "/v", "type": "bind", "source": src, "options": ["rbind"],
+                "uidMappings": [{"containerID": 0, "hostID": 1234, "size": 1}],
+                "gidMappings": [{"containerID": 0, "hostID": 4321, "size": 1}]
+            }));
+        },
+    );
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    // on-disk 0 shows as 1234/4321 as the mount's mapping says; 5 is unmapped
+    assert!(out.lines().any(|l| l == "/v/a 1234 4321"), "{out}");
+    assert!(out.lines().any(|l| l == "/v/b 65534 65534"), "{out}");
+}
+
+#[test]
+fn idmap_on_a_filesystem_that_cannot_is_a_clear_error() {
+    let mut f = Fixture::new("idmsysfs", &["true"], |c| {
+        with_userns(c, MAP_HOST);
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/k", "type": "bind", "source": "/sys/kernel", "options": ["rbind", "idmap"]
+        }));
+    });
+    open_up(&f);
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(
+        e.contains("/sys/kernel")
+            && e.contains("sysfs")
+            && e.contains("does not support idmapped mounts"),
+        "{e}"
+    );
+    assert_gone(&f);
+}
+
+#[test]
+fn bad_user_namespace_mappings_fail_create_and_leave_nothing() {
+    for (name, maps) in [
+        (
+            "mapoverlap",
+            json!([{"containerID": 0, "hostID": 100000, "size": 100}, {"containerID": 50, "hostID": 300000, "size": 10}]),
+        ),
+        (
+            "mapzero",
+            json!([{"containerID": 0, "hostID": 100000, "size": 0}]),
+        ),
+    ] {
+        let mut f = Fixture::new(name, &["true"], |c| {
+            with_userns(c, MAP_HOST);
+            c["linux"]["uidMappings"] = maps.clone();
+        });
+        let e = f.create_piped().unwrap_err().to_string();
+        assert!(e.contains("linux.uidMappings["), "{name}: {e}");
+        assert_gone(&f);
+    }
+
+    // a user namespace to join that does not exist: named, nothing left
+    let mut f = Fixture::new("mapjoin", &["true"], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user", "path": "/proc/self/ns/nonexistent"}));
+    });
+    let e = f.create_piped().unwrap_err().to_string();
+    assert!(e.contains("/proc/self/ns/nonexistent"), "{e}");
+    assert_gone(&f);
+}
+
+/// Runs `ip` on the host; panics with its output on failure.
+fn host_ip(args: &[&str]) -> String {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn net_admin_in_a_user_namespace_is_confined_to_its_network_namespace() {
+    // a network namespace owned by the host's user namespace, standing in for "the host's":
+    // the container gets its file but must not be able to use it
+    let ns = Netns(format!("tandem-test-{}", std::process::id()));
+    host_ip(&["netns", "add", &ns.0]);
+    let ns_file = format!("/run/netns/{}", ns.0);
+    // does this kernel have 802.1q at all? (it may be built without CONFIG_VLAN_8021Q)
+    host_ip(&[
+        "-n", &ns.0, "link", "add", "p0", "type", "veth", "peer", "name", "p1",
+    ]);
+    let vlan_ok = std::process::Command::new("ip")
+        .args([
+            "-n", &ns.0, "link", "add", "link", "p0", "name", "p0.100", "type", "vlan", "id", "100",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    let vlan = if vlan_ok {
+        "ip link add link v0 name v0.100 type vlan id 100 && echo vlan-ok; "
+    } else {
+        ""
+    };
+    let script = format!(
+        "grep CapEff /proc/self/status; \
+         ip link add v0 type veth peer v1 && echo veth-ok; \
+         ip link add link v0 name mv0 type macvlan && echo macvlan-ok; \
+         ip link add br0 type bridge && echo bridge-ok; \
+         {vlan}\
+         ip link set v0 mtu 1400 && ip link show v0 | grep -o 'mtu [0-9]*'; \
+         nsenter --net=/hostnet ip link set lo mtu 1300 2>&1 && echo ESCAPED || echo setns-denied; \
+         ip link set lo netns 1 2>/dev/null; ip link show"
+    );
+    let caps = json!([
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_KILL",
+        "CAP_SETUID",
+        "CAP_SETGID"
+    ]);
+    let mut f = Fixture::new("netadmin", &["sh", "-c", &script], |c| {
+        with_userns(c, MAP_HOST);
+        for k in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][k] = caps.clone();
+        }
+        c["process"]["capabilities"]["ambient"] = json!([]);
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/hostnet", "type": "bind", "source": ns_file, "options": ["bind"]
+        }));
+    });
+    link_applets(&f, &["ip", "nsenter"]);
+    open_up(&f);
+    let mtu_before = host_ip(&["-n", &ns.0, "link", "show", "lo"]);
+    let host_links_before = host_ip(&["-o", "link", "show"]);
+    let (st, out) = f.run();
+    assert_eq!(exit_code(st), 0, "{out}");
+    // CAP_NET_ADMIN (bit 12), CAP_NET_RAW (13), no CAP_SYS_ADMIN (21)
+    let eff = out
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:\t"))
+        .unwrap();
+    let eff = u64::from_str_radix(eff, 16).unwrap();
+    assert!(eff & (1 << 12) != 0 && eff & (1 << 21) == 0, "{eff:#x}");
+    for want in [
+        "veth-ok",
+        "macvlan-ok",
+        "bridge-ok",
+        "mtu 1400",
+        "setns-denied",
+    ] {
+        assert!(out.lines().any(|l| l == want), "missing {want:?}:\n{out}");
+    }
+    if vlan_ok {
+        assert!(out.lines().any(|l| l == "vlan-ok"), "{out}");
+    }
+    assert!(!out.contains("ESCAPED"), "{out}");
+    assert!(out.contains("mv0@v0"), "{out}");
+    // nothing changed outside: the other namespace's lo and the host's links
+    assert_eq!(host_ip(&["-n", &ns.0, "link", "show", "lo"]), mtu_before);
+    assert_eq!(host_ip(&["-o", "link", "show"]), host_links_before);
+    f.container.take().unwrap().delete().unwrap();
+    assert_gone(&f);
+}
