@@ -237,6 +237,11 @@ pub(crate) struct OverlayLayers {
 pub(crate) fn overlay_at(path: &Path) -> R<Option<OverlayLayers>> {
     let text = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    parse_overlay(&text, path)
+}
+
+/// [`overlay_at`] on the text of a mountinfo file.
+fn parse_overlay(text: &str, path: &Path) -> R<Option<OverlayLayers>> {
     let mut found = None;
     for line in text.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
@@ -488,6 +493,31 @@ mod tests {
     fn m(c: u32, h: u32, s: u32) -> LinuxIdMapping {
         serde_json::from_value(serde_json::json!({"containerID": c, "hostID": h, "size": s}))
             .unwrap()
+    }
+
+    #[test]
+    fn overlay_layers_from_mountinfo() {
+        let text = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+63 22 0:57 / /run/b\\040x/rootfs rw,relatime - overlay overlay rw,lowerdir=/s/2/fs:/s/1/fs,upperdir=/s/3/fs,workdir=/s/3/work,uuid=on
+64 22 0:58 / /other rw - overlay overlay rw,lowerdir+=/a\\:b,lowerdir+=/c,upperdir=/u,workdir=/w
+65 22 0:59 / /plain rw - tmpfs tmpfs rw
+";
+        let l = parse_overlay(text, Path::new("/run/b x/rootfs"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            l.lower,
+            [PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
+        );
+        assert_eq!(l.upper.as_deref(), Some(Path::new("/s/3/fs")));
+        assert_eq!(l.work.as_deref(), Some(Path::new("/s/3/work")));
+        let l = parse_overlay(text, Path::new("/other")).unwrap().unwrap();
+        assert_eq!(l.lower, [PathBuf::from("/a:b"), PathBuf::from("/c")]);
+        assert!(parse_overlay(text, Path::new("/plain")).unwrap().is_none());
+        assert!(parse_overlay(text, Path::new("/nowhere"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -89,8 +89,9 @@
 
 // Module layout (one concern per file): spec (load + validate), state (on disk), cgroups/{mod,
 // v1, v2, devices_bpf}, rootfs (mounts, devices, pivot_root), capabilities, seccomp, sync
-// (socket protocol), idmap (idmapped mounts), process (engine side of spawn), init (the re-executed child: namespaces,
-// tty, rlimits, user, exec), container (Engine and Container methods).
+// (socket protocol), idmap (idmapped mounts), process (engine side of spawn), init (the
+// re-executed child: namespaces, tty, rlimits, user, exec), container (Engine and Container
+// methods).
 
 mod capabilities;
 pub mod cgroups;
