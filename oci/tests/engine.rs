@@ -1060,7 +1060,8 @@ fn idmapped_overlay_rootfs_shows_real_ownership() {
             "sh",
             "-c",
             "id -u; stat -c '%u %g' /bin/busybox /etc/secret; cat /etc/secret; \
-             touch /created && echo created; cat /proc/self/uid_map; \
+             touch /created && echo created; echo more >> /etc/secret && echo appended; \
+             cat /proc/self/uid_map; \
              cat /proc/self/mountinfo",
         ],
         |c| with_userns(c, MAP_HOST),
@@ -1078,8 +1079,9 @@ fn idmapped_overlay_rootfs_shows_real_ownership() {
     assert_eq!(lines[2], "0 0", "{out}");
     assert_eq!(lines[3], "root-only", "{out}");
     assert_eq!(lines[4], "created", "{out}");
+    assert_eq!(lines[5], "appended", "{out}");
     assert_eq!(
-        lines[5].split_whitespace().collect::<Vec<_>>(),
+        lines[6].split_whitespace().collect::<Vec<_>>(),
         ["0", "100000", "65536"]
     );
     // the root is an overlay rebuilt on idmapped layers (overlayfs itself cannot be idmapped)
@@ -1091,6 +1093,20 @@ fn idmapped_overlay_rootfs_shows_real_ownership() {
     // a file the container's root created lands in the upper dir owned by host root, as it
     // would without a user namespace
     assert_eq!(owner(&upper.join("created")), (0, 0));
+    // a copy-up keeps the lower file's owner and mode
+    assert_eq!(owner(&upper.join("etc/secret")), (0, 0));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(upper.join("etc/secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o600);
+    }
+    assert_eq!(
+        fs::read_to_string(upper.join("etc/secret")).unwrap(),
+        "root-only\nmore\n"
+    );
     f.container.take().unwrap().delete().unwrap();
     assert_gone(&f);
 }
