@@ -295,3 +295,24 @@ fn hot_added_nic_appears_to_a_probing_guest() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn vsock_socket_lives_and_dies_with_the_vm() {
+    let dir = TempDir::new("vsock");
+    let mut cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
+    let uds = dir.0.join("vsock.sock");
+    cfg.vsock = Some(tandem_vmm::VsockConfig {
+        cid: 3,
+        uds_path: uds.clone(),
+    });
+    let mut vm = backend(&dir.0).start(&cfg).unwrap();
+    assert!(uds.exists());
+    let mut c = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+    std::io::Write::write_all(&mut c, b"CONNECT 52\n").unwrap();
+    assert_eq!(vm.state().unwrap(), VmState::Running);
+    vm.stop().unwrap();
+    assert!(!uds.exists());
+    // A second VM on the same path starts again (nothing stale left).
+    let mut vm = backend(&dir.0).start(&cfg).unwrap();
+    vm.stop().unwrap();
+}

@@ -22,6 +22,7 @@ use crate::microvm::devices::power::{
     AcpiPowerOff, AcpiSleepControl, PM1A_CNT_LEN, PM1A_CNT_PORT, SLEEP_CONTROL_PORT,
 };
 use crate::microvm::devices::serial::{SerialDevice, SerialOut, COM1_IRQ, COM1_PORT};
+use crate::microvm::devices::vsock::Vsock;
 use crate::microvm::memory::{self, GuestRam};
 use crate::microvm::seccomp;
 use crate::microvm::vcpu::{
@@ -30,7 +31,6 @@ use crate::microvm::vcpu::{
 use crate::microvm::virtio::mmio::{Interrupt, MmioTransport, MMIO_WINDOW};
 use crate::microvm::virtio::VirtioDevice;
 
-const BACKEND: &str = "microvm";
 const KVM_PATH: &str = "/dev/kvm";
 const TSS_ADDRESS: usize = 0xfffb_d000;
 /// Guest physical address of the first virtio-mmio window (in the 32-bit MMIO hole).
@@ -95,12 +95,6 @@ impl Vm {
     /// irqchip, the platform devices and the vCPUs, and loads the payload. No guest code runs yet.
     pub fn create(config: &VmConfig, opts: VmOptions) -> Result<Self> {
         config.validate()?;
-        if let Some(v) = &config.vsock {
-            return Err(Error::Unsupported {
-                backend: BACKEND,
-                feature: format!("virtio-vsock on {}", v.uds_path.display()),
-            });
-        }
 
         let kvm = Kvm::new_with_path(c"/dev/kvm")
             .map_err(|e| Error::io(KVM_PATH, std::io::Error::from_raw_os_error(e.errno())))?;
@@ -186,7 +180,7 @@ impl Vm {
         // virtio-mmio devices.
         let mut mmio = Bus::new();
         let mut virtio = Vec::new();
-        let ndev = config.disks.len() + config.nics.len();
+        let ndev = config.disks.len() + config.nics.len() + config.vsock.iter().count();
         if ndev > MAX_VIRTIO_DEVICES {
             return Err(Error::invalid(
                 "disks, nics",
@@ -199,6 +193,9 @@ impl Vm {
         }
         for n in &config.nics {
             devices.push(Box::new(Net::open(n)?));
+        }
+        if let Some(v) = &config.vsock {
+            devices.push(Box::new(Vsock::open(v)?));
         }
         for dev in devices {
             let i = virtio.len();
@@ -366,7 +363,7 @@ impl Vm {
         Ok(slot)
     }
 
-    /// The virtio-mmio devices, in order (disks, then NICs).
+    /// The virtio-mmio devices, in order (disks, NICs, vsock).
     pub fn virtio_devices(&self) -> &[VirtioSlot] {
         &self.virtio
     }

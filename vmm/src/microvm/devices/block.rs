@@ -299,7 +299,8 @@ mod tests {
             p,
             Processed {
                 completed: 1,
-                more: false
+                more: false,
+                kick: 0
             }
         );
         assert_eq!(tq.used_idx(), 1);
@@ -464,7 +465,8 @@ mod tests {
             p,
             Processed {
                 completed: 4,
-                more: true
+                more: true,
+                kick: 0
             }
         );
         let p = blk.process_queue(&tq.mem, 0, &mut q, 4);
@@ -472,7 +474,8 @@ mod tests {
             p,
             Processed {
                 completed: 4,
-                more: true
+                more: true,
+                kick: 0
             }
         );
         let p = blk.process_queue(&tq.mem, 0, &mut q, 4);
@@ -480,7 +483,8 @@ mod tests {
             p,
             Processed {
                 completed: 2,
-                more: false
+                more: false,
+                kick: 0
             }
         );
         assert_eq!(tq.used_idx(), 10);

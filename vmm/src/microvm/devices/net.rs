@@ -368,7 +368,8 @@ mod tests {
                 p,
                 Processed {
                     completed: 3,
-                    more: false
+                    more: false,
+                    kick: 0
                 }
             );
             assert_eq!(tq.used_idx(), 3);

@@ -159,8 +159,20 @@ impl MmioTransport {
             if !q.ready() || !q.is_valid(&self.mem) {
                 continue;
             }
-            let Processed { completed, more: m } =
-                self.device.process_queue(&self.mem, i, q, budget);
+            let Processed {
+                completed,
+                more: m,
+                kick,
+            } = self.device.process_queue(&self.mem, i, q, budget);
+            // Queues the device wants served next: later ones in this round, earlier ones (and
+            // itself) on the next wake-up.
+            let later = kick & !((2u64 << i) - 1);
+            let again = kick & ((2u64 << i) - 1);
+            pending |= later;
+            if again != 0 {
+                self.pending |= again;
+                more = true;
+            }
             if m {
                 self.pending |= 1 << i;
                 more = true;

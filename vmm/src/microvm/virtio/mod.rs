@@ -33,6 +33,8 @@ pub struct Processed {
     pub completed: usize,
     /// The budget ran out with chains still available: process again later.
     pub more: bool,
+    /// Other queues (bit mask) that now have work, e.g. replies waiting for RX buffers.
+    pub kick: u64,
 }
 
 /// A virtio device behind a transport. All guest-provided data is untrusted: a bad chain fails
