@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::VsockConfig;
 use crate::microvm::bus::BusDevice;
 use crate::microvm::devices::block::Block;
+use crate::microvm::devices::net::{self, Net};
 use crate::microvm::devices::vsock::{self, Vsock};
 use crate::microvm::virtio::mmio::{Interrupt, MmioTransport};
 use crate::microvm::virtio::VirtioDevice;
@@ -90,6 +91,45 @@ pub fn vsock_queues(data: &[u8]) {
     v.process_queue(&mem, vsock::RX, &mut rx, 8);
 }
 
+thread_local! {
+    static NET: std::cell::RefCell<Option<Net>> = const { std::cell::RefCell::new(None) };
+}
+
+/// virtio-net: guest-controlled TX chains (frames written to a tap in a private network
+/// namespace of the calling thread) and RX buffers.
+pub fn net_queues(data: &[u8]) {
+    NET.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            // SAFETY: affects only the calling thread's network namespace.
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "unshare(CLONE_NEWNET)"
+            );
+            let nic = crate::config::NicConfig {
+                tap: "tndfuzz0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+            };
+            *cell = Some(Net::open(&nic).expect("tap"));
+        }
+        let dev = cell.as_mut().expect("net");
+        let mem = memory(data);
+        let mut tx = Queue::new(QSIZE).expect("queue");
+        tx.set_desc_table_address(Some(DESC as u32), Some(0));
+        tx.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        tx.set_used_ring_address(Some(USED as u32), Some(0));
+        tx.set_ready(true);
+        dev.process_queue(&mem, net::TX, &mut tx, 8);
+        let mut rx = Queue::new(QSIZE).expect("queue");
+        rx.set_desc_table_address(Some(DESC as u32), Some(0));
+        rx.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        rx.set_used_ring_address(Some(USED as u32 + 0x800), Some(0));
+        rx.set_ready(true);
+        dev.process_queue(&mem, net::RX, &mut rx, 8);
+    });
+}
+
 /// virtio-mmio register accesses in any order (6 bytes each: kind, offset le16, value le32),
 /// with queue processing after each one. Returns the final device status.
 pub fn mmio_transport(data: &[u8]) -> u32 {
@@ -144,6 +184,10 @@ mod tests {
     fn fuzz_harnesses_survive_random_inputs() {
         random_inputs(0x1234_5678_9abc_def1, 300, 2048, block_queue);
         random_inputs(0x5555_aaaa_1234_4321, 200, 2048, vsock_queues);
+        // On its own thread: the harness moves that thread into a private network namespace.
+        std::thread::spawn(|| random_inputs(0x7777_1111_2222_3333, 200, 2048, net_queues))
+            .join()
+            .unwrap();
         // A well-formed REQUEST to a port nobody listens on, through the harness.
         let mut d = vec![0u8; 16 * QSIZE as usize];
         d[..8].copy_from_slice(&DATA.to_le_bytes());
