@@ -20,7 +20,7 @@ if ! file_out=$(LC_ALL=C "$busybox" --list 2>/dev/null) || [ -z "$file_out" ]; t
     echo "build-busybox: $busybox --list failed" >&2; exit 1
 fi
 
-inputs=$( { sha256sum "$0" "$busybox" | cut -d' ' -f1; echo "$ref"; } | sha256sum | cut -d' ' -f1)
+inputs=$( { sha256sum "$0" "$(dirname "$0")/oci-layout.sh" "$busybox" | cut -d' ' -f1; echo "$ref"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out" ] && [ -f "$out.inputs" ] && [ "$(cat "$out.inputs")" = "$inputs" ]; then
     exit 0
 fi
@@ -42,55 +42,9 @@ printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
 chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
 
-layout=$work/layout
-blobs=$layout/blobs/sha256
-mkdir -p "$blobs"
-
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
-    --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
-    -C "$root" -cf "$work/layer.tar" .
-diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-gzip -n -9 -c "$work/layer.tar" >"$work/layer.tar.gz"
-layer_digest=$(sha256sum "$work/layer.tar.gz" | cut -d' ' -f1)
-layer_size=$(stat -c %s "$work/layer.tar.gz")
-mv "$work/layer.tar.gz" "$blobs/$layer_digest"
-
-# blob FILE -> prints "digest size" after moving FILE into blobs/.
-blob() {
-    local d s
-    d=$(sha256sum "$1" | cut -d' ' -f1)
-    s=$(stat -c %s "$1")
-    mv "$1" "$blobs/$d"
-    echo "$d $s"
-}
-
-jq -cn --arg diff "sha256:$diff_id" '{
-  architecture: "amd64", os: "linux", created: "1970-01-01T00:00:00Z",
-  config: {Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], Cmd: ["sh"], WorkingDir: "/"},
-  rootfs: {type: "layers", diff_ids: [$diff]},
-  history: [{created: "1970-01-01T00:00:00Z", created_by: "tandem deploy/images/build-busybox.sh"}]
-}' >"$work/config.json"
-read -r config_digest config_size < <(blob "$work/config.json")
-
-jq -cn --arg cd "sha256:$config_digest" --argjson cs "$config_size" \
-       --arg ld "sha256:$layer_digest" --argjson ls "$layer_size" '{
-  schemaVersion: 2, mediaType: "application/vnd.oci.image.manifest.v1+json",
-  config: {mediaType: "application/vnd.oci.image.config.v1+json", digest: $cd, size: $cs},
-  layers: [{mediaType: "application/vnd.oci.image.layer.v1.tar+gzip", digest: $ld, size: $ls}]
-}' >"$work/manifest.json"
-read -r manifest_digest manifest_size < <(blob "$work/manifest.json")
-
-jq -cn --arg md "sha256:$manifest_digest" --argjson ms "$manifest_size" --arg ref "$ref" '{
-  schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json",
-  manifests: [{mediaType: "application/vnd.oci.image.manifest.v1+json", digest: $md, size: $ms,
-               platform: {architecture: "amd64", os: "linux"},
-               annotations: {"org.opencontainers.image.ref.name": $ref}}]
-}' >"$layout/index.json"
-printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
-
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
-    --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
-    -C "$layout" -cf "$work/image.tar" oci-layout index.json blobs
-mv "$work/image.tar" "$out"
+# shellcheck source=deploy/images/oci-layout.sh
+. "$(dirname "$0")/oci-layout.sh"
+oci_image_from_root "$root" "$work" "$out" "$ref" \
+    '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"}' \
+    "tandem deploy/images/build-busybox.sh"
 echo "$inputs" >"$out.inputs"
-echo "build-busybox: wrote $out ($ref, manifest sha256:$manifest_digest)" >&2

@@ -36,6 +36,10 @@ pub const TANDEM_RUNTIME: &str = "io.containerd.tandem.v2";
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 /// Name the busybox image gets on import.
 pub const BUSYBOX: &str = "docker.io/tandem/busybox:latest";
+/// Name of tandem's pod sandbox (pause) image, the CRI `sandbox_image`.
+pub const PAUSE: &str = "localhost/tandem/pause:latest";
+
+pub mod cri;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_dir() -> PathBuf {
@@ -82,6 +86,29 @@ pub fn busybox_tar() -> PathBuf {
         let o = Command::new(&script)
             .arg(&out)
             .arg(BUSYBOX)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(
+            o.status.success(),
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    })
+    .clone()
+}
+
+/// Builds the pause image tar (deploy/images/build-pause.sh, cached by its inputs), once per
+/// test binary, and returns its path.
+pub fn pause_tar() -> PathBuf {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out = workspace_dir().join("target/tandem-build/pause.tar");
+        let script = workspace_dir().join("deploy/images/build-pause.sh");
+        let o = Command::new(&script)
+            .arg(&out)
+            .arg(PAUSE)
             .output()
             .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
         assert!(
@@ -249,21 +276,7 @@ impl Containerd {
             None => None,
         };
 
-        let path = format!(
-            "{}:{}",
-            shim_bin_dir().display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let log = std::fs::File::create(d.join("containerd.log"))?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning containerd")?;
+        let child = spawn_containerd(d)?;
         let mut c = Containerd {
             dir: Some(dir),
             child: Some(child),
@@ -273,6 +286,17 @@ impl Containerd {
         };
         c.wait_ready()?;
         Ok(c)
+    }
+
+    /// Stops containerd by pid (SIGTERM, bounded wait, then SIGKILL) and starts it again on the
+    /// same config, root and state: shims and their containers keep running meanwhile, as on a
+    /// node where containerd is restarted.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            stop_child(child);
+        }
+        self.child = Some(spawn_containerd(self.dir())?);
+        self.wait_ready()
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -569,21 +593,8 @@ impl Containerd {
             let _ = self.ctr(&["containers", "rm", c]);
         }
         let shims = self.shim_pids();
-        if let Some(mut child) = self.child.take() {
-            let pid = Pid::from_raw(child.id() as i32);
-            let _ = kill(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        if let Some(child) = self.child.take() {
+            stop_child(child);
         }
         for p in shims.into_iter().chain(self.shim_pids()) {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
@@ -603,6 +614,46 @@ impl Containerd {
         if let Some(dir) = self.dir.take() {
             unmount_under(dir.path());
             let _ = dir.close();
+        }
+    }
+}
+
+/// Starts containerd on `<dir>/config.toml`, logging (appending) to `<dir>/containerd.log`, with
+/// the shim's directory first on its PATH.
+fn spawn_containerd(dir: &Path) -> Result<Child> {
+    let path = format!(
+        "{}:{}",
+        shim_bin_dir().display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))?;
+    Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning containerd")
+}
+
+/// SIGTERM, up to 5 s to exit, then SIGKILL; always reaped.
+fn stop_child(mut child: Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }
