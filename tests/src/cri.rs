@@ -17,6 +17,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// One connection to containerd's CRI plugin.
 pub struct Cri {
+    /// Cgroup parents of the pods run through this client (kubelet's part: removed by
+    /// [`CriEnv`] when the test ends).
+    pub cgroup_parents: Vec<String>,
     rt: tokio::runtime::Runtime,
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
@@ -66,6 +69,7 @@ impl Cri {
             })
             .with_context(|| format!("connect to CRI at {}", socket.display()))?;
         Ok(Self {
+            cgroup_parents: Vec::new(),
             rt,
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
@@ -145,6 +149,9 @@ impl Cri {
     /// RunPodSandbox; returns the sandbox id and the config to pass to CreateContainer.
     pub fn run_pod(&mut self, spec: &PodSpec) -> Result<(String, PodSandboxConfig)> {
         let config = Self::pod_config(spec);
+        if !spec.cgroup_parent.is_empty() {
+            self.cgroup_parents.push(spec.cgroup_parent.clone());
+        }
         let req = RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: spec.handler.clone(),
@@ -449,7 +456,32 @@ impl CriEnv {
     /// Restarts containerd (see [`crate::Containerd::restart`]) and reconnects the client.
     pub fn restart_containerd(&mut self) -> Result<()> {
         self.containerd.restart()?;
+        let parents = std::mem::take(&mut self.cri.cgroup_parents);
         self.cri = Cri::connect(&self.containerd.socket)?;
+        self.cri.cgroup_parents = parents;
         Ok(())
+    }
+}
+
+impl Drop for CriEnv {
+    /// What kubelet would do at the end of every pod, also when a test failed half-way: stop and
+    /// remove every pod (containers, netns, shims go with them), then remove the pod cgroups.
+    fn drop(&mut self) {
+        if let Ok(pods) = self.cri.list_pods() {
+            for p in pods {
+                let _ = self.cri.teardown_pod(&p.id);
+            }
+        }
+        for parent in &self.cri.cgroup_parents {
+            for h in crate::cgroup_hierarchies() {
+                let dir = h.join(parent.trim_start_matches('/'));
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten().filter(|e| e.path().is_dir()) {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
     }
 }

@@ -47,10 +47,20 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// True when no container cgroup is left under the pod's cgroup parent in any hierarchy. The
+/// parent itself is kubelet's (it makes and removes the pod cgroup), so the runtime leaves it;
+/// the test removes it once empty, as kubelet would.
 fn cgroup_gone(parent: &str) -> bool {
-    tandem_tests::cgroup_hierarchies()
-        .iter()
-        .all(|h| !h.join(parent.trim_start_matches('/')).exists())
+    tandem_tests::cgroup_hierarchies().iter().all(|h| {
+        let dir = h.join(parent.trim_start_matches('/'));
+        let children = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).count())
+            .unwrap_or(0);
+        if children == 0 {
+            let _ = std::fs::remove_dir(&dir);
+        }
+        children == 0
+    })
 }
 
 #[test]
@@ -223,6 +233,11 @@ fn containers_of_a_pod_share_localhost_and_one_shim() {
     wait_for("the pod's shim exits", Duration::from_secs(5), || {
         tandem_shims(&env).is_empty()
     });
+    wait_for(
+        "the pod's cgroups are removed",
+        Duration::from_secs(5),
+        || cgroup_gone(&spec.cgroup_parent),
+    );
 }
 
 #[test]
@@ -253,6 +268,14 @@ fn pods_keep_running_across_a_containerd_restart() {
         .expect("ExecSync after restart");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "again\n");
     env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(5), || {
+        tandem_shims(&env).is_empty()
+    });
+    wait_for(
+        "the pod's cgroups are removed",
+        Duration::from_secs(5),
+        || cgroup_gone(&spec.cgroup_parent),
+    );
 }
 
 #[test]
