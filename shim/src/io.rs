@@ -47,11 +47,11 @@ fn open_output(path: &str) -> std::io::Result<Option<OwnedFd>> {
     Ok(Some(f.into()))
 }
 
-/// Open an input fifo for the shim to read from. Read-write, so that it neither blocks nor
-/// reads EOF while no writer has it open yet.
+/// Open an input fifo for the shim to read from: read-only and non-blocking. epoll reports
+/// nothing until a writer (containerd) has come, and a hang-up once the last writer is gone
+/// again, so the copy sees EOF exactly when containerd closes its end.
 fn open_input(path: &str) -> std::io::Result<pipe::Receiver> {
     pipe::OpenOptions::new()
-        .read_write(true)
         .open_receiver(path)
         .map_err(ctx("open", path))
 }
@@ -364,6 +364,37 @@ mod tests {
             .unwrap();
         assert_eq!(got, "hello");
         drop(w);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writer_closing_the_fifo_gives_eof_without_close_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StdioPaths {
+            stdin: fifo(dir.path(), "in"),
+            ..Default::default()
+        };
+        let mut prepared = prepare(&paths).unwrap();
+        let mut child_stdin = std::fs::File::from(prepared.stdin.take().unwrap());
+        let _pio = prepared.attach(None).unwrap();
+        // no writer yet: the copy must not take that for EOF
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let path = paths.stdin.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            std::io::Write::write_all(&mut w, b"abc\n").unwrap();
+        })
+        .await
+        .unwrap();
+        let got = tokio::task::spawn_blocking(move || {
+            let mut s = String::new();
+            child_stdin.read_to_string(&mut s).map(|_| s)
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), got)
+            .await
+            .expect("EOF once the writer closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, "abc\n");
     }
 
     #[test]

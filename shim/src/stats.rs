@@ -24,7 +24,8 @@ pub fn to_metrics(s: &Stats) -> Metrics {
             .collect(),
         pids: Some(PidsStat {
             current: s.pids.current,
-            limit: s.pids.limit,
+            // "max" (no limit) reads as 0, as containerd's own cgroups code reports it
+            limit: if s.pids.limit == u64::MAX { 0 } else { s.pids.limit },
             ..Default::default()
         })
         .into(),
