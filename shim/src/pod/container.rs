@@ -271,6 +271,8 @@ impl ContainerPod {
             paused: AtomicBool::new(false),
             oom: Mutex::new(None),
         });
+        // watch from create on: a process may run out of memory right after start
+        self.watch_oom(&ctr);
         self.containers
             .lock()
             .expect("containers poisoned")
@@ -394,9 +396,7 @@ impl Pod for ContainerPod {
                 let c = ctr.engine.clone();
                 blocking(move || c.start()).await??;
                 inner.status = ProcStatus::Running;
-                drop(inner);
-                self.watch_oom(&ctr);
-                Ok(ctr.init.inner.lock().await.pid as u32)
+                Ok(inner.pid as u32)
             }
             Some(exec_id) => {
                 let spec = p.spec.clone().expect("exec has a spec");
