@@ -93,8 +93,7 @@ fn reply(address: &str) -> anyhow::Result<()> {
 
 fn start(flags: &Flags) -> anyhow::Result<()> {
     let bundle = bundle_dir(flags)?;
-    std::env::set_current_dir(&bundle)
-        .with_context(|| format!("chdir {}", bundle.display()))?;
+    std::env::set_current_dir(&bundle).with_context(|| format!("chdir {}", bundle.display()))?;
     let config = std::fs::read(bundle.join("config.json")).unwrap_or_default();
     let group = grouping_id(&flags.id, &config);
     let address = socket_address(&flags.address, &flags.namespace, &group);
@@ -174,7 +173,9 @@ fn init_logging(debug: bool) {
     };
     // containerd reads shim logs from the `log` fifo in the bundle directory
     let log = std::fs::OpenOptions::new().write(true).open("log");
-    let b = tracing_subscriber::fmt().with_max_level(level).with_target(false);
+    let b = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false);
     let _ = match log {
         Ok(f) => b.with_writer(std::sync::Mutex::new(f)).try_init(),
         Err(_) => b.with_writer(std::io::stderr).try_init(),
@@ -302,7 +303,10 @@ mod tests {
         assert_eq!(sb, c);
         assert!(sb.starts_with("unix:///run/containerd/s/"), "{sb}");
         // another namespace or containerd gives another shim
-        assert_ne!(sb, socket_address("/run/containerd/containerd.sock", "default", "sb1"));
+        assert_ne!(
+            sb,
+            socket_address("/run/containerd/containerd.sock", "default", "sb1")
+        );
         assert_ne!(sb, socket_address("/tmp/c.sock", "k8s.io", "sb1"));
     }
 

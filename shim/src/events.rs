@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
-    TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -141,7 +141,13 @@ async fn forward(address: String, namespace: String, mut rx: mpsc::UnboundedRece
 
 // Constructors of the events, so that `service` reads as a list of what happens.
 
-pub fn create(id: &str, bundle: &str, rootfs: Vec<containerd_shim::protos::types::mount::Mount>, io: TaskIO, pid: u32) -> TaskCreate {
+pub fn create(
+    id: &str,
+    bundle: &str,
+    rootfs: Vec<containerd_shim::protos::types::mount::Mount>,
+    io: TaskIO,
+    pid: u32,
+) -> TaskCreate {
     TaskCreate {
         container_id: id.to_string(),
         bundle: bundle.to_string(),

@@ -213,11 +213,7 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
 const BUF: usize = 8192;
 
 /// stdin fifo -> process pipe, until CloseIO (then pass on what is buffered and close).
-async fn copy_in(
-    mut src: pipe::Receiver,
-    mut dst: pipe::Sender,
-    mut close: oneshot::Receiver<()>,
-) {
+async fn copy_in(mut src: pipe::Receiver, mut dst: pipe::Sender, mut close: oneshot::Receiver<()>) {
     let mut buf = vec![0u8; BUF];
     loop {
         tokio::select! {
@@ -295,9 +291,9 @@ async fn copy_pty_out(
             Ok(g) => g,
             Err(_) => break,
         };
-        match guard.try_io(|m| {
-            nix::unistd::read(m.get_ref(), &mut buf).map_err(std::io::Error::from)
-        }) {
+        match guard
+            .try_io(|m| nix::unistd::read(m.get_ref(), &mut buf).map_err(std::io::Error::from))
+        {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => {
                 if dst.write_all(&buf[..n]).await.is_err() {
@@ -338,7 +334,8 @@ mod tests {
             ..Default::default()
         };
         let prepared = prepare(&paths).unwrap();
-        let mut child_stdin = std::fs::File::from(prepared.stdin.as_ref().unwrap().try_clone().unwrap());
+        let mut child_stdin =
+            std::fs::File::from(prepared.stdin.as_ref().unwrap().try_clone().unwrap());
         let mut pio = Prepared {
             stdin: None,
             ..prepared

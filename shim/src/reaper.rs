@@ -77,7 +77,10 @@ impl Reaper {
     /// Collect every exited child, without blocking.
     fn reap_all(&self) {
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            match waitpid(
+                Pid::from_raw(-1),
+                Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+            ) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     if let Some((pid, code)) = exit_code(&status) {
@@ -106,7 +109,8 @@ impl Reaper {
             return;
         }
         let now = Instant::now();
-        t.unclaimed.retain(|_, (_, at)| now.duration_since(*at) < GRACE);
+        t.unclaimed
+            .retain(|_, (_, at)| now.duration_since(*at) < GRACE);
         t.unclaimed.insert(exit.pid, (exit, now));
     }
 
@@ -114,7 +118,9 @@ impl Reaper {
     /// before anybody asked) it resolves at once, unless a live process holds that pid again:
     /// then the kept exit belonged to an earlier process with the same pid.
     pub fn subscribe(&self, pid: i32) -> oneshot::Receiver<Exit> {
-        self.subscribe_with(pid, |p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        self.subscribe_with(pid, |p| {
+            std::path::Path::new(&format!("/proc/{p}")).exists()
+        })
     }
 
     fn subscribe_with(&self, pid: i32, alive: impl Fn(i32) -> bool) -> oneshot::Receiver<Exit> {

@@ -327,7 +327,13 @@ impl Task for Service {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        tracing::info!(id = req.id, exec_id = req.exec_id, signal = req.signal, all = req.all, "kill");
+        tracing::info!(
+            id = req.id,
+            exec_id = req.exec_id,
+            signal = req.signal,
+            all = req.all,
+            "kill"
+        );
         self.pod()
             .await?
             .kill(&req.id, opt(&req.exec_id), req.signal, req.all)
@@ -338,7 +344,11 @@ impl Task for Service {
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
         tracing::info!(id = req.id, exec_id = req.exec_id, "exec");
-        let spec = req.spec.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
         let process: tandem_oci::Process = serde_json::from_slice(spec).map_err(|e| {
             status(
                 ttrpc::Code::INVALID_ARGUMENT,
@@ -382,7 +392,11 @@ impl Task for Service {
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
         tracing::info!(id = req.id, "update");
-        let value = req.resources.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+        let value = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
         let resources =
             crate::update::decode(value).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
         self.pod()

@@ -25,7 +25,11 @@ pub fn to_metrics(s: &Stats) -> Metrics {
         pids: Some(PidsStat {
             current: s.pids.current,
             // "max" (no limit) reads as 0, as containerd's own cgroups code reports it
-            limit: if s.pids.limit == u64::MAX { 0 } else { s.pids.limit },
+            limit: if s.pids.limit == u64::MAX {
+                0
+            } else {
+                s.pids.limit
+            },
             ..Default::default()
         })
         .into(),

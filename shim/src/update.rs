@@ -7,7 +7,8 @@ pub fn decode(value: &[u8]) -> Result<LinuxResources, String> {
     if value.is_empty() {
         return Err("update: no resources given".into());
     }
-    serde_json::from_slice(value).map_err(|e| format!("update: resources (LinuxResources JSON): {e}"))
+    serde_json::from_slice(value)
+        .map_err(|e| format!("update: resources (LinuxResources JSON): {e}"))
 }
 
 #[cfg(test)]

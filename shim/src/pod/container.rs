@@ -328,9 +328,9 @@ async fn watch_oom(
         let mut guard = afd.readable().await?;
         // drain the notification
         loop {
-            match guard.try_io(|f| {
-                nix::unistd::read(f.get_ref(), &mut buf).map_err(std::io::Error::from)
-            }) {
+            match guard
+                .try_io(|f| nix::unistd::read(f.get_ref(), &mut buf).map_err(std::io::Error::from))
+            {
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(_)) => continue,
                 Ok(Err(e)) => return Err(e),
@@ -368,7 +368,9 @@ impl Pod for ContainerPod {
             let have = self.containers.lock().expect("containers poisoned");
             let mut creating = self.creating.lock().expect("creating poisoned");
             if have.contains_key(&id) || !creating.insert(id.clone()) {
-                return Err(Error::AlreadyExists(format!("container {id}: already exists")));
+                return Err(Error::AlreadyExists(format!(
+                    "container {id}: already exists"
+                )));
             }
         }
         let r = self.create_inner(opts).await;
@@ -421,9 +423,7 @@ impl Pod for ContainerPod {
                             nix::sys::signal::Signal::SIGKILL,
                         );
                         p.watch_exit(exit_rx);
-                        return Err(Error::Other(format!(
-                            "container {id} exec {exec_id}: {e}"
-                        )));
+                        return Err(Error::Other(format!("container {id} exec {exec_id}: {e}")));
                     }
                 }
                 drop(inner);
@@ -668,7 +668,13 @@ impl Pod for ContainerPod {
             .keys()
             .cloned()
             .collect();
-        ids.extend(self.creating.lock().expect("creating poisoned").iter().cloned());
+        ids.extend(
+            self.creating
+                .lock()
+                .expect("creating poisoned")
+                .iter()
+                .cloned(),
+        );
         ids
     }
 }

@@ -114,8 +114,13 @@ pub trait Pod: Send + Sync {
     async fn pids(&self, id: &str) -> Result<Vec<PidInfo>>;
     async fn state(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessState>;
     async fn close_io(&self, id: &str, exec_id: Option<&str>) -> Result<()>;
-    async fn resize_pty(&self, id: &str, exec_id: Option<&str>, width: u32, height: u32)
-        -> Result<()>;
+    async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        width: u32,
+        height: u32,
+    ) -> Result<()>;
     /// Ids of the containers the pod holds.
     async fn containers(&self) -> Vec<String>;
 }
