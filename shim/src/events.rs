@@ -11,7 +11,7 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{MessageDyn, MessageFull};
+use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::event::Envelope;
 use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::shim_async::{Client, EventsClient};
@@ -28,10 +28,32 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
-fn pack(ev: &dyn MessageDyn) -> Option<Any> {
+/// The type URL of each event, as containerd's typeurl registry names it. Constants rather than
+/// protobuf reflection: reflection parses the descriptors of every proto file, which costs the
+/// shim memory for nothing.
+pub trait TypeName {
+    const TYPE_URL: &'static str;
+}
+
+macro_rules! type_names {
+    ($($t:ident),*) => { $(impl TypeName for $t { const TYPE_URL: &'static str = concat!("containerd.events.", stringify!($t)); })* };
+}
+type_names!(
+    TaskCreate,
+    TaskStart,
+    TaskExit,
+    TaskDelete,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskPaused,
+    TaskResumed,
+    TaskOOM
+);
+
+fn pack<E: Message + TypeName>(ev: &E) -> Option<Any> {
     Some(Any {
-        type_url: ev.descriptor_dyn().full_name().to_string(),
-        value: ev.write_to_bytes_dyn().ok()?,
+        type_url: E::TYPE_URL.to_string(),
+        value: ev.write_to_bytes().ok()?,
         ..Default::default()
     })
 }
@@ -58,7 +80,7 @@ impl Publisher {
         }
     }
 
-    pub fn publish<E: Event + MessageFull>(&self, ev: E) {
+    pub fn publish<E: Event + Message + TypeName>(&self, ev: E) {
         let topic = ev.topic();
         let Some(event) = pack(&ev) else {
             tracing::warn!(topic, "could not encode event");
@@ -222,5 +244,41 @@ pub fn oom(id: &str) -> TaskOOM {
     TaskOOM {
         container_id: id.to_string(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::protobuf::MessageFull;
+
+    fn same<E: MessageFull + TypeName>() {
+        assert_eq!(E::TYPE_URL, E::descriptor().full_name());
+    }
+
+    #[test]
+    fn type_urls_match_the_protos() {
+        same::<TaskCreate>();
+        same::<TaskStart>();
+        same::<TaskExit>();
+        same::<TaskDelete>();
+        same::<TaskExecAdded>();
+        same::<TaskExecStarted>();
+        same::<TaskPaused>();
+        same::<TaskResumed>();
+        same::<TaskOOM>();
+    }
+
+    #[test]
+    fn exit_event_carries_code_and_time() {
+        let at = UNIX_EPOCH + Duration::from_millis(1500);
+        let e = exit("c1", "c1", 42, 137, at);
+        let any = pack(&e).unwrap();
+        assert_eq!(any.type_url, "containerd.events.TaskExit");
+        let back = TaskExit::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(back.exit_status, 137);
+        assert_eq!(back.pid, 42);
+        assert_eq!(back.exited_at.seconds, 1);
+        assert_eq!(back.exited_at.nanos, 500_000_000);
     }
 }

@@ -17,7 +17,7 @@ use containerd_shim::protos::api::{
 };
 use containerd_shim::protos::events::task::TaskIO;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{CodedInputStream, Message, MessageFull};
+use containerd_shim::protos::protobuf::{CodedInputStream, Message};
 use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
@@ -30,6 +30,9 @@ use crate::events::{self, timestamp, Publisher};
 use crate::io::StdioPaths;
 use crate::pod::{self, CreateOpts, ExecOpts, Pod, PodContext, PodEvent, Status};
 use crate::state::MountRecord;
+
+/// `ProcessDetails::descriptor().full_name()` (what `ctr task ps` decodes), as a constant.
+const PROCESS_DETAILS_TYPE_URL: &str = "containerd.runc.v1.ProcessDetails";
 
 fn status(code: ttrpc::Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
@@ -291,7 +294,7 @@ impl Task for Service {
                         ..Default::default()
                     };
                     Some(Any {
-                        type_url: ProcessDetails::descriptor().full_name().to_string(),
+                        type_url: PROCESS_DETAILS_TYPE_URL.to_string(),
                         value: d.write_to_bytes().map_err(|e| {
                             status(ttrpc::Code::INTERNAL, format!("encode pid info: {e}"))
                         })?,
@@ -527,6 +530,15 @@ mod tests {
             ..Default::default()
         };
         assert!(config_path(Some(&broken)).is_err());
+    }
+
+    #[test]
+    fn process_details_type_url() {
+        use containerd_shim::protos::protobuf::MessageFull;
+        assert_eq!(
+            PROCESS_DETAILS_TYPE_URL,
+            ProcessDetails::descriptor().full_name()
+        );
     }
 
     #[test]

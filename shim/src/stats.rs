@@ -6,8 +6,11 @@ use containerd_shim::protos::cgroups::metrics::{
     Throttle,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{Message, MessageFull};
+use containerd_shim::protos::protobuf::Message;
 use tandem_oci::Stats;
+
+/// `Metrics::descriptor().full_name()`, without loading descriptors at run time.
+pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v1.Metrics";
 
 pub fn to_metrics(s: &Stats) -> Metrics {
     Metrics {
@@ -81,7 +84,7 @@ pub fn to_metrics(s: &Stats) -> Metrics {
 pub fn to_any(s: &Stats) -> Result<Any, containerd_shim::protos::protobuf::Error> {
     let m = to_metrics(s);
     Ok(Any {
-        type_url: Metrics::descriptor().full_name().to_string(),
+        type_url: METRICS_TYPE_URL.to_string(),
         value: m.write_to_bytes()?,
         ..Default::default()
     })
@@ -125,6 +128,8 @@ mod tests {
         };
         let any = to_any(&s).unwrap();
         assert_eq!(any.type_url, "io.containerd.cgroups.v1.Metrics");
+        use containerd_shim::protos::protobuf::MessageFull;
+        assert_eq!(METRICS_TYPE_URL, Metrics::descriptor().full_name());
         let m = Metrics::parse_from_bytes(&any.value).unwrap();
         let cpu = m.cpu.as_ref().unwrap();
         assert_eq!(cpu.usage.total, 100);
