@@ -155,6 +155,13 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         }
         state.remove(&flags.id)?;
     }
+    // the dead shim's socket (unless a live shim of the pod still serves on it)
+    if let Ok(address) = std::fs::read_to_string(bundle_dir(flags)?.join("address")) {
+        let address = address.trim();
+        if !address.is_empty() && !alive(address) {
+            let _ = std::fs::remove_file(socket_path(address));
+        }
+    }
     let resp = DeleteResponse {
         pid: pid.max(0) as u32,
         exit_status: 137,
