@@ -52,6 +52,22 @@ bench() {
 }
 
 results=()
+# crun 1.8 refuses every container on a hybrid hierarchy whose cgroup2 mount has a controller
+# enabled ("cgroups in hybrid mode not supported"); tandem enables hugetlb there for hugepage
+# limits. Measure crun first, with hugetlb disabled at the cgroup2 root while nothing uses it,
+# and put it back afterwards.
+unified=/sys/fs/cgroup/unified/cgroup.subtree_control
+restore_hugetlb=
+if [ -f "$unified" ] && grep -qw hugetlb "$unified"; then
+    if echo -hugetlb >"$unified" 2>/dev/null; then
+        restore_hugetlb=1
+    else
+        echo "crun: hugetlb is in use under /sys/fs/cgroup/unified; crun will refuse to run" >&2
+    fi
+fi
+crun_result=$(bench crun io.containerd.runc.v2 --runc-binary crun)
+[ -n "$restore_hugetlb" ] && echo +hugetlb >"$unified"
+
 if [ -x "$TANDEM_BIN_DIR/containerd-shim-tandem-v2" ]; then
     results+=("$(bench tandem io.containerd.tandem.v2)")
 else
@@ -59,7 +75,7 @@ else
     results+=("tandem - -")
 fi
 results+=("$(bench runc io.containerd.runc.v2)")
-results+=("$(bench crun io.containerd.runc.v2 --runc-binary crun)")
+results+=("$crun_result")
 
 echo
 echo "containerd $(containerd --version | awk '{print $3}'), $(uname -r), $(nproc) cpus, N=$n"

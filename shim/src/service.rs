@@ -85,6 +85,26 @@ fn config_path(options: Option<&Any>) -> Result<Option<PathBuf>, String> {
     Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
 }
 
+/// The pod's `io.tandem.*` annotations (CRI copies the pod's into every container's spec) must
+/// be allowed by the handler's config: checked before anything is made for the container.
+fn check_annotations(config: &Config, bundle: &str) -> TtrpcResult<()> {
+    let path = std::path::Path::new(bundle).join("config.json");
+    // A missing or malformed config.json is the engine's to report, with its own message.
+    let Ok(text) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let annotations: HashMap<String, String> = spec
+        .get("annotations")
+        .and_then(|a| serde_json::from_value(a.clone()).ok())
+        .unwrap_or_default();
+    config
+        .check_annotations(&annotations)
+        .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))
+}
+
 fn stdio(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> StdioPaths {
     StdioPaths {
         stdin: stdin.into(),
@@ -200,6 +220,7 @@ impl Task for Service {
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let config = Config::load(path.as_deref())
             .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        check_annotations(&config, &req.bundle)?;
         let pod = self.pod_for(&config).await?;
         let opts = CreateOpts {
             id: req.id.clone(),
