@@ -122,10 +122,14 @@ impl Config {
             .collect();
         keys.sort();
         for (key, value) in keys {
-            let allowed = self.annotations.allow.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => key.starts_with(prefix),
-                None => key == p,
-            });
+            let allowed = self
+                .annotations
+                .allow
+                .iter()
+                .any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => key.starts_with(prefix),
+                    None => key == p,
+                });
             if !allowed {
                 return Err(Error::AnnotationRefused {
                     key: key.clone(),
@@ -221,7 +225,10 @@ mod tests {
             .check_annotations(a.iter().map(|(k, v)| (k, v)))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("io.tandem.mode") && e.contains("not allowed"), "{e}");
+        assert!(
+            e.contains("io.tandem.mode") && e.contains("not allowed"),
+            "{e}"
+        );
         assert!(e.contains("/etc/t.toml"), "{e}");
     }
 
@@ -238,7 +245,10 @@ mod tests {
             .check_annotations(a.iter().map(|(k, v)| (k, v)))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("io.tandem.bogus") && e.contains("no such"), "{e}");
+        assert!(
+            e.contains("io.tandem.bogus") && e.contains("no such"),
+            "{e}"
+        );
         let e = Config::parse("[annotations]\ndeny = []\n", Path::new("t.toml"))
             .unwrap_err()
             .to_string();

@@ -308,7 +308,9 @@ fn refused_annotation_and_bad_handler_config_give_clear_errors() {
         msg.contains("bogus") && msg.contains(&env.tandem_config.display().to_string()),
         "error names the key and the file: {msg}"
     );
-    wait_for("no shim left after the failed pods", Duration::from_secs(5), || {
-        tandem_shims(&env).is_empty()
-    });
+    wait_for(
+        "no shim left after the failed pods",
+        Duration::from_secs(5),
+        || tandem_shims(&env).is_empty(),
+    );
 }
