@@ -227,10 +227,6 @@ impl IdAllocator {
         Ok(Self { dir, pool })
     }
 
-    pub fn pool(&self) -> &PoolConfig {
-        &self.pool
-    }
-
     fn state_path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
