@@ -207,7 +207,6 @@ impl Cri {
                     }),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         };
