@@ -21,6 +21,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "$CTD_SOCK.ttrpc"
 [debug]
   address = "$CTD_DIR/debug.sock"
+  level = "${CTD_LOG_LEVEL:-info}"
 TOML
     PATH="$TANDEM_BIN_DIR:$PATH" containerd --config "$CTD_DIR/config.toml" \
         >"$CTD_DIR/containerd.log" 2>&1 </dev/null &

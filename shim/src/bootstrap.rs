@@ -227,6 +227,10 @@ fn serve(flags: Flags) -> anyhow::Result<()> {
     if let Err(e) = &r {
         tracing::error!("{e:#}");
     }
+    // Everything the pod made is gone by now. Dropping the runtime would wait for blocking
+    // tasks still parked in a syscall (a fifo open or read that containerd never completes),
+    // which kept exited shims alive for seconds: leave them to the process exit instead.
+    rt.shutdown_background();
     r
 }
 
@@ -262,9 +266,11 @@ async fn serve_async(flags: Flags) -> anyhow::Result<()> {
     tracing::info!(address = flags.socket, id = flags.id, "shim serving");
     exit.wait().await;
     tracing::info!("shim exiting");
-    let _ = server.shutdown().await;
+    // ttrpc's graceful shutdown waits (up to 5 s per connection) for handler tasks containerd
+    // never ends; by now every answer that matters is sent, so bound the wait.
+    let _ = tokio::time::timeout(Duration::from_millis(200), server.shutdown()).await;
     if let Ok(mut p) = Arc::try_unwrap(publisher) {
-        p.close(Duration::from_secs(2)).await;
+        p.close(Duration::from_millis(500)).await;
     } else {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

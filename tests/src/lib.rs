@@ -537,8 +537,13 @@ impl Containerd {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(5);
+        self.assert_no_leaks_within(ids, Duration::from_secs(grace));
+    }
+
+    /// [`Containerd::assert_no_leaks`] with an explicit grace for asynchronous teardown.
+    pub fn assert_no_leaks_within(&self, ids: &[&str], grace: Duration) {
         let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs(grace);
+        let deadline = t0 + grace;
         loop {
             let leaks: Vec<String> = ids.iter().flat_map(|id| self.leaks(id)).collect();
             if leaks.is_empty() {
