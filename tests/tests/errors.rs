@@ -156,3 +156,41 @@ fn killed_shim_is_cleaned_up_by_delete() {
     }
     c.assert_no_leaks(&[&id]);
 }
+
+/// `ctr run --runtime-config-path FILE` hands tandem its config (as CRI's `ConfigPath` does):
+/// a valid file runs the container; a bad key fails it with the file and key named, and leaves
+/// nothing behind.
+#[test]
+fn runtime_config_path_is_read_and_checked() {
+    if !is_tandem() {
+        return; // tandem's own config file; runc's shim reads other options
+    }
+    let c = Containerd::builder()
+        .runtime_config("mode = \"container\"\n")
+        .start()
+        .expect("start containerd");
+    c.import_busybox();
+    let cfg = c.runtime_config.clone().expect("runtime config written");
+    let id = unique_id("cfgok");
+    let (code, out, err) = c.run_rm(
+        &["--runtime-config-path", cfg.to_str().unwrap()],
+        &id,
+        &["echo", "configured"],
+    );
+    assert_eq!((code, out.as_str()), (0, "configured\n"), "stderr: {err}");
+
+    std::fs::write(&cfg, "mode = \"container\"\nbogus = 1\n").unwrap();
+    let id = unique_id("cfgbad");
+    let (code, _, err) = c.run_rm(
+        &["--runtime-config-path", cfg.to_str().unwrap()],
+        &id,
+        &["true"],
+    );
+    assert_ne!(code, 0, "a bad config must fail the container");
+    assert!(
+        err.contains("bogus") && err.contains(cfg.to_str().unwrap()),
+        "ctr's error names the key and the file: {err}"
+    );
+    let _ = c.ctr(&["container", "rm", &id]);
+    c.assert_no_leaks(&[&id]);
+}
