@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -113,6 +113,8 @@ struct Ctr {
     execs: Mutex<HashMap<String, Arc<Proc>>>,
     paused: AtomicBool,
     oom: Mutex<Option<JoinHandle<()>>>,
+    /// The cgroup's OOM kill count already reported (or present at create).
+    oom_seen: Arc<AtomicU64>,
 }
 
 impl Ctr {
@@ -270,6 +272,7 @@ impl ContainerPod {
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             oom: Mutex::new(None),
+            oom_seen: Arc::new(AtomicU64::new(0)),
         });
         // watch from create on: a process may run out of memory right after start
         self.watch_oom(&ctr);
@@ -284,6 +287,8 @@ impl ContainerPod {
         let c = ctr.engine.clone();
         let id = ctr.id.clone();
         let events = self.ctx.events.clone();
+        let seen = ctr.oom_seen.clone();
+        seen.store(c.oom_kills().unwrap_or(0), Ordering::SeqCst);
         let task = tokio::spawn(async move {
             let fd = match c.oom_notifier() {
                 Ok(fd) => fd,
@@ -292,7 +297,7 @@ impl ContainerPod {
                     return;
                 }
             };
-            if let Err(e) = watch_oom(&fd, &c, &id, &events).await {
+            if let Err(e) = watch_oom(&fd, &c, &id, &events, &seen).await {
                 tracing::debug!(id, "OOM watch ended: {e}");
             }
         });
@@ -317,12 +322,12 @@ async fn watch_oom(
     c: &Container,
     id: &str,
     events: &tokio::sync::mpsc::UnboundedSender<PodEvent>,
+    seen: &AtomicU64,
 ) -> std::io::Result<()> {
     let fd = fd.try_clone()?;
     set_nonblocking(&fd)?;
     // SAFETY: fd is an OwnedFd the AsyncFd owns and nothing else closes.
     let afd = unsafe { AsyncFd::register(fd)? };
-    let mut seen = c.oom_kills().unwrap_or(0);
     let mut buf = [0u8; 4096];
     loop {
         let mut guard = afd.readable().await?;
@@ -346,14 +351,27 @@ async fn watch_oom(
                 Ok(n) => n,
                 Err(_) => return Ok(()), // the cgroup is gone
             };
-            if now > seen {
-                seen = now;
-                tracing::info!(id, "OOM kill in container");
-                let _ = events.send(PodEvent::Oom { id: id.to_string() });
+            if report_oom(now, seen, id, events) {
                 break;
             }
         }
     }
+}
+
+/// Report an OOM kill when the cgroup's count `now` went past what was already reported.
+/// Shared by the watcher and by delete, which may run before the watcher saw the notification.
+fn report_oom(
+    now: u64,
+    seen: &AtomicU64,
+    id: &str,
+    events: &tokio::sync::mpsc::UnboundedSender<PodEvent>,
+) -> bool {
+    if seen.fetch_max(now, Ordering::SeqCst) >= now {
+        return false;
+    }
+    tracing::info!(id, "OOM kill in container");
+    let _ = events.send(PodEvent::Oom { id: id.to_string() });
+    true
 }
 
 fn not_found_finished() -> Error {
@@ -529,6 +547,11 @@ impl Pod for ContainerPod {
         }
         if let Some(t) = ctr.oom.lock().expect("oom poisoned").take() {
             t.abort();
+        }
+        // The watcher may not have run since the kill (containerd deletes right after the exit):
+        // look at the count once more, before the cgroup goes.
+        if let Ok(now) = ctr.engine.oom_kills() {
+            report_oom(now, &ctr.oom_seen, &ctr.id, &self.ctx.events);
         }
         let c = ctr.engine.clone();
         blocking(move || c.delete()).await??;
