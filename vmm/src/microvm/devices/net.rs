@@ -412,6 +412,12 @@ mod tests {
             assert_eq!(p.completed, 0);
             // A buffer too small for any frame is completed empty.
             tq.chain(0, &[(DATA, 10, true)]);
+            // The first frame in the tap (ours, or one the kernel sent on link-up) is dropped
+            // into it; send ours again so that it is still there for the real buffers.
+            net.process_queue(&tq.mem, RX, &mut q, 8);
+            // SAFETY: sending a local buffer on our bound socket.
+            let n = unsafe { libc::send(ps, f.as_ptr() as *const _, f.len(), 0) };
+            assert_eq!(n as usize, f.len());
             // Then room for several frames (the kernel may send others, e.g. IPv6 MLD).
             for i in 0..8u16 {
                 tq.chain(1 + i, &[(DATA + 0x1000 * (1 + i as u64), 2048, true)]);
