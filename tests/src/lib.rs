@@ -76,50 +76,37 @@ pub fn unique_id(name: &str) -> String {
     )
 }
 
-/// Builds the busybox OCI image tar (once per test binary; the build script itself caches by a
-/// hash of its inputs) and returns its path.
-pub fn busybox_tar() -> PathBuf {
-    static TAR: OnceLock<PathBuf> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let out = workspace_dir().join("target/tandem-build/busybox.tar");
-        let script = workspace_dir().join("deploy/images/build-busybox.sh");
-        let o = Command::new(&script)
-            .arg(&out)
-            .arg(BUSYBOX)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(
-            o.status.success(),
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    })
-    .clone()
+/// Runs an image build script (`deploy/images/<script> OUT REF`, which caches by a hash of its
+/// inputs) and returns OUT under `target/tandem-build/`.
+fn build_image(script: &str, out: &str, image_ref: &str) -> PathBuf {
+    let out = workspace_dir().join("target/tandem-build").join(out);
+    let script = workspace_dir().join("deploy/images").join(script);
+    let o = Command::new(&script)
+        .arg(&out)
+        .arg(image_ref)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        o.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
 }
 
-/// Builds the pause image tar (deploy/images/build-pause.sh, cached by its inputs), once per
-/// test binary, and returns its path.
+/// Builds the busybox OCI image tar (once per test binary) and returns its path.
+pub fn busybox_tar() -> PathBuf {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| build_image("build-busybox.sh", "busybox.tar", BUSYBOX))
+        .clone()
+}
+
+/// Builds the pause image tar (static tandem-pause, once per test binary) and returns its path.
 pub fn pause_tar() -> PathBuf {
     static TAR: OnceLock<PathBuf> = OnceLock::new();
-    TAR.get_or_init(|| {
-        let out = workspace_dir().join("target/tandem-build/pause.tar");
-        let script = workspace_dir().join("deploy/images/build-pause.sh");
-        let o = Command::new(&script)
-            .arg(&out)
-            .arg(PAUSE)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(
-            o.status.success(),
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    })
-    .clone()
+    TAR.get_or_init(|| build_image("build-pause.sh", "pause.tar", PAUSE))
+        .clone()
 }
 
 /// Extracts the busybox image's single layer into `dest` (a plain rootfs for `--rootfs` and for
