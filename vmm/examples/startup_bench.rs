@@ -110,6 +110,8 @@ fn run_tandem(bin: &Path, dir: &Path, rss: bool) -> anyhow::Result<(Sample, Opti
         disks: vec![],
         vsock: None,
         serial_log: Some(log.clone()),
+        agent: None,
+        netns: None,
     };
     let json = serde_json::to_string(&cfg)?;
     let t0 = Instant::now();

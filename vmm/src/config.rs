@@ -124,6 +124,18 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// How the host reaches the guest agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AgentChannel {
+    /// A virtio-serial port named `tandem.agent` whose host end is a unix socket the VMM
+    /// listens on (QEMU: `server=on,wait=off`); connect to `socket` with the agent client.
+    SerialPort {
+        /// Host unix socket path (at most 107 bytes).
+        socket: PathBuf,
+    },
+}
+
 /// Everything needed to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -154,6 +166,13 @@ pub struct VmConfig {
     /// Where the serial console (COM1) output goes; `None`: discarded.
     #[serde(default)]
     pub serial_log: Option<PathBuf>,
+    /// The guest agent's channel; `None`: no agent device.
+    #[serde(default)]
+    pub agent: Option<AgentChannel>,
+    /// Network namespace (e.g. `/var/run/netns/cni-…`) the VMM process runs in, so that it finds
+    /// the pod's taps by name; `None`: the caller's.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 fn check_exists(path: &Path) -> std::io::Result<bool> {
@@ -242,6 +261,18 @@ impl VmConfig {
         for (i, nic) in self.nics.iter().enumerate() {
             validate_nic(nic).map_err(|reason| Error::invalid(format!("nics[{i}]"), reason))?;
         }
+        if let Some(AgentChannel::SerialPort { socket }) = &self.agent {
+            let n = socket.as_os_str().len();
+            if n == 0 || n > 107 {
+                return Err(Error::invalid(
+                    "agent.socket",
+                    format!(
+                        "{}: a unix socket path must be 1 to 107 bytes, this is {n}",
+                        socket.display()
+                    ),
+                ));
+            }
+        }
         if let Some(v) = &self.vsock {
             if v.cid < 3 {
                 return Err(Error::invalid(
@@ -301,6 +332,8 @@ mod tests {
             disks: vec![],
             vsock: None,
             serial_log: None,
+            agent: None,
+            netns: None,
         }
     }
 
@@ -311,6 +344,33 @@ mod tests {
         let s = serde_json::to_string(&c).unwrap();
         let back: VmConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn json_without_agent_and_netns_still_parses() {
+        let mut v = serde_json::to_value(base()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("agent");
+        o.remove("netns");
+        let back: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, base());
+        let mut c = base();
+        c.agent = Some(AgentChannel::SerialPort {
+            socket: "/run/x/agent.sock".into(),
+        });
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(
+            s.contains(r#""agent":{"kind":"serial_port","socket":"/run/x/agent.sock"}"#),
+            "{s}"
+        );
+        c.agent = Some(AgentChannel::SerialPort {
+            socket: PathBuf::from(format!("/{}", "a".repeat(120))),
+        });
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("agent.socket"));
     }
 
     #[test]

@@ -91,6 +91,22 @@ pub enum Error {
         /// Requested operation.
         op: String,
     },
+    /// A QEMU process could not be started, or failed or died.
+    #[error("QEMU {}: {reason}", binary.display())]
+    Qemu {
+        /// QEMU binary (or `pid N` when re-attached).
+        binary: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A QMP call failed or QEMU answered it with an error.
+    #[error("QMP {}: {reason}", path.display())]
+    Qmp {
+        /// QMP socket path.
+        path: PathBuf,
+        /// What failed, with QEMU's error class and description.
+        reason: String,
+    },
     /// A feature this backend does not have (yet); names the feature.
     #[error("{feature}: not supported by the {backend} backend")]
     Unsupported {

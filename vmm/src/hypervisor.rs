@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{NicConfig, VmConfig};
-use crate::error::Result;
+use crate::config::{DiskConfig, NicConfig, VmConfig};
+use crate::error::{Error, Result};
 
 /// Lifecycle state of a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +38,7 @@ pub struct VcpuThread {
     pub host_cpu: Option<usize>,
 }
 
-/// A hypervisor backend (`microvm`, later `qemu`).
+/// A hypervisor backend (`microvm`, `qemu`).
 pub trait Hypervisor: Send + Sync {
     /// Backend name, e.g. "microvm".
     fn name(&self) -> &'static str;
@@ -61,6 +61,23 @@ pub trait RunningVm: Send {
     fn resume(&mut self) -> Result<()>;
     /// Adds a NIC to the running VM.
     fn hot_add_nic(&mut self, nic: &NicConfig) -> Result<()>;
+    /// Adds a virtio-blk disk to the running VM; returns its id, which is also the disk's serial
+    /// as the guest sees it (`/sys/block/vdX/serial`, `/dev/disk/by-id/virtio-<id>`).
+    /// Default: unsupported.
+    fn hot_add_disk(&mut self, disk: &DiskConfig) -> Result<String> {
+        Err(Error::Unsupported {
+            backend: "hypervisor",
+            feature: format!("hot-add of disk {}", disk.path.display()),
+        })
+    }
+    /// Removes a disk added with [`RunningVm::hot_add_disk`] (the guest must release it).
+    /// Default: unsupported.
+    fn hot_remove_disk(&mut self, id: &str) -> Result<()> {
+        Err(Error::Unsupported {
+            backend: "hypervisor",
+            feature: format!("hot-remove of disk {id}"),
+        })
+    }
     /// Stops the VM and waits for the VMM to be gone; idempotent.
     fn stop(&mut self) -> Result<()>;
 }

@@ -5,10 +5,12 @@ pub mod config;
 pub mod error;
 pub mod hypervisor;
 pub mod microvm;
+pub mod qemu;
 
 pub use config::{
-    BootMode, CpuMode, DiskConfig, MemoryBacking, MemoryConfig, NicConfig, VcpuConfig, VmConfig,
-    VsockConfig,
+    AgentChannel, BootMode, CpuMode, DiskConfig, MemoryBacking, MemoryConfig, NicConfig,
+    VcpuConfig, VmConfig, VsockConfig,
 };
 pub use error::{Error, Result};
 pub use hypervisor::{Hypervisor, RunningVm, VcpuThread, VmState};
+pub use qemu::{Accel, Qemu, QemuConfig, QemuVm};

@@ -42,6 +42,8 @@ fn config(dir: &Path, kernel: PathBuf, cmdline: &str, mib: u64) -> VmConfig {
         disks: vec![],
         vsock: None,
         serial_log: Some(dir.join("serial.log")),
+        agent: None,
+        netns: None,
     }
 }
 

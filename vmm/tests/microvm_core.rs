@@ -61,6 +61,8 @@ fn config(dir: &Path, payload: &[u8], mode: CpuMode, vcpus: Vec<VcpuConfig>) -> 
         disks: vec![],
         vsock: None,
         serial_log: Some(dir.join("serial.log")),
+        agent: None,
+        netns: None,
     }
 }
 

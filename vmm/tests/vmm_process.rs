@@ -54,6 +54,8 @@ fn config(dir: &Path, payload: &[u8], vcpus: Vec<VcpuConfig>) -> VmConfig {
         disks: vec![],
         vsock: None,
         serial_log: Some(dir.join("serial.log")),
+        agent: None,
+        netns: None,
     }
 }
 
