@@ -265,15 +265,17 @@ async fn serve_async(flags: Flags) -> anyhow::Result<()> {
     signal_started();
     tracing::info!(address = flags.socket, id = flags.id, "shim serving");
     exit.wait().await;
+    let t0 = std::time::Instant::now();
     tracing::info!("shim exiting");
     // ttrpc's graceful shutdown waits (up to 5 s per connection) for handler tasks containerd
     // never ends; by now every answer that matters is sent, so bound the wait.
-    let _ = tokio::time::timeout(Duration::from_millis(200), server.shutdown()).await;
-    if let Ok(mut p) = Arc::try_unwrap(publisher) {
-        p.close(Duration::from_millis(500)).await;
-    } else {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stopped = tokio::time::timeout(Duration::from_millis(200), server.shutdown())
+        .await
+        .is_ok();
+    tracing::debug!(elapsed = ?t0.elapsed(), stopped, "ttrpc server shut down");
+    // the last TaskExit/TaskDelete must reach containerd: drain the queue (bounded)
+    let drained = publisher.close(Duration::from_millis(500)).await;
+    tracing::debug!(elapsed = ?t0.elapsed(), drained, "event queue closed");
     let _ = std::fs::remove_file(socket_path(&flags.socket));
     Ok(())
 }

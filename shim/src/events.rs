@@ -2,6 +2,7 @@
 //! One task forwards them one at a time, reconnecting after a failure; at shutdown the queue is
 //! drained (bounded) so that the last TaskDelete/TaskExit are not lost.
 
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_shim::event::Event;
@@ -64,10 +65,11 @@ struct Item {
     at: SystemTime,
 }
 
-/// The ordered event queue of the shim.
+/// The ordered event queue of the shim. Shared (`Arc`) by the service and its tasks; `close`
+/// works through any handle, so the shim's exit never waits for the last clone to go.
 pub struct Publisher {
-    tx: Option<mpsc::UnboundedSender<Item>>,
-    task: Option<JoinHandle<()>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Item>>>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Publisher {
@@ -75,8 +77,8 @@ impl Publisher {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(forward(ttrpc_address, namespace, rx));
         Publisher {
-            tx: Some(tx),
-            task: Some(task),
+            tx: Mutex::new(Some(tx)),
+            task: Mutex::new(Some(task)),
         }
     }
 
@@ -86,7 +88,7 @@ impl Publisher {
             tracing::warn!(topic, "could not encode event");
             return;
         };
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = &*self.tx.lock().expect("publisher poisoned") {
             let _ = tx.send(Item {
                 topic,
                 event,
@@ -95,11 +97,15 @@ impl Publisher {
         }
     }
 
-    /// Stop taking events and give the queue up to `limit` to drain.
-    pub async fn close(&mut self, limit: Duration) {
-        self.tx.take();
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(limit, t).await;
+    /// Stop taking events and give the queue up to `limit` to drain. Returns whether it
+    /// drained in time.
+    pub async fn close(&self, limit: Duration) -> bool {
+        // dropping the only sender ends the forwarding task once the queue is empty
+        self.tx.lock().expect("publisher poisoned").take();
+        let task = self.task.lock().expect("publisher poisoned").take();
+        match task {
+            Some(t) => tokio::time::timeout(limit, t).await.is_ok(),
+            None => true,
         }
     }
 }
@@ -267,6 +273,50 @@ mod tests {
         same::<TaskPaused>();
         same::<TaskResumed>();
         same::<TaskOOM>();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn close_through_a_shared_handle_drains_and_stops_taking_events() {
+        // A real ttrpc Events server on a socket: the queued event must reach it before close
+        // returns, although other handles of the publisher are still alive.
+        use containerd_shim::protos::shim_async::{create_events, Events};
+        use containerd_shim::protos::ttrpc::r#async::{Server, TtrpcContext};
+        use std::sync::Arc;
+
+        struct Sink(mpsc::UnboundedSender<String>);
+        #[async_trait::async_trait]
+        impl Events for Sink {
+            async fn forward(
+                &self,
+                _ctx: &TtrpcContext,
+                req: ForwardRequest,
+            ) -> containerd_shim::protos::ttrpc::Result<
+                containerd_shim::protos::protobuf::well_known_types::empty::Empty,
+            > {
+                let _ = self.0.send(req.envelope.topic.clone());
+                Ok(Default::default())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = format!("unix://{}/ev.sock", dir.path().display());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut server = Server::new()
+            .bind(&sock)
+            .unwrap()
+            .register_service(create_events(Arc::new(Sink(tx))));
+        server.start().await.unwrap();
+
+        let p = Arc::new(Publisher::start(sock, "ns".into()));
+        let other = p.clone();
+        p.publish(delete("c1", 7, 0, SystemTime::now()));
+        assert!(p.close(Duration::from_secs(5)).await, "queue drained");
+        assert_eq!(rx.try_recv().unwrap(), "/tasks/delete");
+        // closed: later events are not taken, and a second close returns at once
+        other.publish(paused("c1"));
+        assert!(other.close(Duration::from_millis(1)).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing after close");
+        let _ = server.shutdown().await;
     }
 
     #[test]
