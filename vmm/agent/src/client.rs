@@ -47,6 +47,30 @@ pub struct Command {
     pub max_output: u32,
 }
 
+/// A guest NIC for [`AgentClient::configure_network`]: found by `mac`, renamed to `name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetInterface {
+    /// aa:bb:cc:dd:ee:ff
+    pub mac: String,
+    /// Name in the guest (1-15 characters).
+    pub name: String,
+    /// 0: leave as is.
+    pub mtu: u32,
+    /// CIDR strings, e.g. "198.18.0.2/24".
+    pub addresses: Vec<String>,
+}
+
+/// A guest route for [`AgentClient::configure_network`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetRoute {
+    /// CIDR, or "default" (IPv4) / "default6" (IPv6).
+    pub dest: String,
+    /// Empty: on-link.
+    pub gateway: String,
+    /// Guest interface name; empty: any.
+    pub device: String,
+}
+
 pub struct AgentClient {
     path: PathBuf,
     inner: proto::AgentClient,
@@ -233,6 +257,64 @@ impl AgentClient {
             stderr_truncated: r.stderr_truncated,
             timed_out: r.timed_out,
         })
+    }
+
+    /// Configures the guest's NICs (found by MAC) and routes (ConfigureNetwork). The reply must
+    /// name exactly the requested interfaces, in order.
+    pub fn configure_network(
+        &self,
+        interfaces: &[NetInterface],
+        routes: &[NetRoute],
+    ) -> Result<()> {
+        let req = proto::ConfigureNetworkRequest {
+            interfaces: interfaces
+                .iter()
+                .map(|i| proto::Interface {
+                    mac: i.mac.clone(),
+                    name: i.name.clone(),
+                    mtu: i.mtu,
+                    addresses: i.addresses.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            routes: routes
+                .iter()
+                .map(|r| proto::Route {
+                    dest: r.dest.clone(),
+                    gateway: r.gateway.clone(),
+                    device: r.device.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // Renaming, addresses and routes are a handful of `ip` runs per NIC in the guest.
+        let timeout = self.call_timeout + Duration::from_secs(10);
+        let started = Instant::now();
+        let r = self
+            .inner
+            .configure_network(Self::ctx(timeout), &req)
+            .map_err(|e| self.map_err("ConfigureNetwork", timeout, started, e))?;
+        let want: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+        if r.configured
+            .iter()
+            .map(String::as_str)
+            .ne(want.iter().copied())
+        {
+            return Err(Error::InvalidReply {
+                path: self.path.clone(),
+                call: "ConfigureNetwork",
+                msg: format!(
+                    "configured {:?}, asked for {want:?}",
+                    r.configured
+                        .iter()
+                        .take(64)
+                        .map(|s| truncate(s))
+                        .collect::<Vec<_>>()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Ask the guest to power off. A reply or the connection closing both count as accepted;

@@ -16,6 +16,7 @@ pub mod command;
 pub mod containers;
 pub mod guest;
 pub mod modules;
+pub mod network;
 pub mod port;
 pub mod reaper;
 pub mod server;

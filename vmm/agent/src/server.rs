@@ -326,6 +326,49 @@ impl Agent for Service {
         Ok(proto::Empty::default())
     }
 
+    fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: proto::ConfigureNetworkRequest,
+    ) -> ttrpc::Result<proto::ConfigureNetworkResponse> {
+        let ifaces: Vec<crate::network::Iface> = req
+            .interfaces
+            .iter()
+            .map(|i| crate::network::Iface {
+                mac: i.mac.clone(),
+                name: i.name.clone(),
+                mtu: i.mtu,
+                addresses: i.addresses.clone(),
+            })
+            .collect();
+        let routes: Vec<crate::network::Route> = req
+            .routes
+            .iter()
+            .map(|r| crate::network::Route {
+                dest: r.dest.clone(),
+                gateway: r.gateway.clone(),
+                device: r.device.clone(),
+            })
+            .collect();
+        tracing::info!(
+            interfaces = ifaces.len(),
+            routes = routes.len(),
+            "ConfigureNetwork"
+        );
+        if let Err(e) = crate::network::validate(&ifaces, &routes) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("ConfigureNetwork: {e}"),
+            ));
+        }
+        let configured = crate::network::configure(&self.reaper, &ifaces, &routes)
+            .map_err(|e| status(Code::FAILED_PRECONDITION, format!("ConfigureNetwork: {e}")))?;
+        Ok(proto::ConfigureNetworkResponse {
+            configured,
+            ..Default::default()
+        })
+    }
+
     fn shutdown(&self, _: &TtrpcContext, _: proto::ShutdownRequest) -> ttrpc::Result<proto::Empty> {
         tracing::info!("Shutdown requested");
         let mode = self.shutdown;
