@@ -147,6 +147,8 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         Err(tandem_oci::Error::NotFound(_)) => {}
         Err(e) => tracing::warn!(id = flags.id, "engine load: {e}"),
     }
+    // a VM-mode pod's VM, when its shim is gone
+    crate::pod::vm::delete_after_crash(&state, &flags.id);
     let mut pid = 0;
     if let Some(r) = record {
         pid = r.pid;

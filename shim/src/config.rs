@@ -48,12 +48,15 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[];
 pub enum Mode {
     /// Namespaced Linux containers on the host (the oci engine).
     Container,
+    /// One VM per pod; its containers run inside it, by the guest agent (`[vm]`).
+    Vm,
 }
 
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Mode::Container => f.write_str("container"),
+            Mode::Vm => f.write_str("vm"),
         }
     }
 }
@@ -65,6 +68,9 @@ pub struct Config {
     pub mode: Mode,
     #[serde(default)]
     pub annotations: Annotations,
+    /// `[vm]`: how VM-mode pods are booted (read only with `mode = "vm"`).
+    #[serde(default)]
+    pub vm: VmSection,
     /// Where the config was read from (for error messages); not a key of the file.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -79,6 +85,131 @@ pub struct Annotations {
     pub allow: Vec<String>,
 }
 
+/// Hypervisor backend of VM mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// QEMU (`qemu-system-x86_64`), KVM or TCG.
+    Qemu,
+}
+
+/// Accelerator of the QEMU backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when the host can boot a stock guest on it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Where vmm/guest/build.sh puts the guest image by default (`<repo>/.tandem-build/guest` is
+/// where the build leaves it; deploy/setup.sh installs it here).
+pub const DEFAULT_GUEST_DIR: &str = "/usr/share/tandem/guest";
+
+/// `[vm]`: the VM of a VM-mode pod.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSection {
+    #[serde(default = "default_hypervisor")]
+    pub hypervisor: Hypervisor,
+    #[serde(default = "default_accel")]
+    pub accel: Accel,
+    /// The QEMU binary (a name is looked up on PATH).
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// Guest kernel; a missing file fails the pod at Create, naming this path.
+    #[serde(default = "default_kernel")]
+    pub kernel: PathBuf,
+    /// Guest initramfs with the agent as /init.
+    #[serde(default = "default_initrd")]
+    pub initrd: PathBuf,
+    /// vCPUs when the pod's spec names neither a CPU limit nor a cpuset.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest memory in MiB when the pod's spec has no memory limit.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Least guest memory in MiB (kernel + agent + the containers' writable layers).
+    #[serde(default = "default_min_memory_mib")]
+    pub min_memory_mib: u64,
+    /// Added to the pod's memory limit for the guest kernel and agent.
+    #[serde(default = "default_overhead_mib")]
+    pub overhead_mib: u64,
+    /// Seconds from VM start until the agent must answer.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_s: u64,
+    /// Seconds every other agent call may take.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_s: u64,
+    /// Where per-layer erofs images are cached.
+    #[serde(default = "default_layer_cache")]
+    pub layer_cache: PathBuf,
+    /// Where each pod's VM keeps its sockets, console log and disk images.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+fn default_hypervisor() -> Hypervisor {
+    Hypervisor::Qemu
+}
+fn default_accel() -> Accel {
+    Accel::Auto
+}
+fn default_qemu() -> PathBuf {
+    PathBuf::from("/usr/bin/qemu-system-x86_64")
+}
+fn default_kernel() -> PathBuf {
+    Path::new(DEFAULT_GUEST_DIR).join("vmlinuz")
+}
+fn default_initrd() -> PathBuf {
+    Path::new(DEFAULT_GUEST_DIR).join("initramfs.cpio.gz")
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory_mib() -> u64 {
+    512
+}
+fn default_min_memory_mib() -> u64 {
+    256
+}
+fn default_overhead_mib() -> u64 {
+    128
+}
+fn default_boot_timeout() -> u64 {
+    60
+}
+fn default_call_timeout() -> u64 {
+    10
+}
+fn default_layer_cache() -> PathBuf {
+    PathBuf::from("/var/lib/tandem/layers")
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/tandem-vm")
+}
+
+impl Default for VmSection {
+    fn default() -> Self {
+        VmSection {
+            hypervisor: default_hypervisor(),
+            accel: default_accel(),
+            qemu: default_qemu(),
+            kernel: default_kernel(),
+            initrd: default_initrd(),
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            min_memory_mib: default_min_memory_mib(),
+            overhead_mib: default_overhead_mib(),
+            boot_timeout_s: default_boot_timeout(),
+            call_timeout_s: default_call_timeout(),
+            layer_cache: default_layer_cache(),
+            run_dir: default_run_dir(),
+        }
+    }
+}
+
 fn default_mode() -> Mode {
     Mode::Container
 }
@@ -88,6 +219,7 @@ impl Default for Config {
         Config {
             mode: default_mode(),
             annotations: Annotations::default(),
+            vm: VmSection::default(),
             source: None,
         }
     }
@@ -196,6 +328,30 @@ mod tests {
             .to_string();
         assert!(e.contains("/x/t.toml"), "{e}");
         assert!(e.contains("vmx"), "{e}");
+    }
+
+    #[test]
+    fn vm_section() {
+        let c = Config::parse(
+            "mode = \"vm\"\n[vm]\naccel = \"tcg\"\nkernel = \"/k\"\nvcpus = 2\nmemory_mib = 300\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::Vm);
+        assert_eq!(c.vm.accel, Accel::Tcg);
+        assert_eq!(c.vm.kernel, Path::new("/k"));
+        assert_eq!(c.vm.vcpus, 2);
+        assert_eq!(c.vm.memory_mib, 300);
+        assert_eq!(c.vm.initrd, VmSection::default().initrd);
+        assert_eq!(c.vm.hypervisor, Hypervisor::Qemu);
+        let e = Config::parse("[vm]\naccel = \"hvf\"\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hvf"), "{e}");
+        let e = Config::parse("[vm]\nkernal = \"/k\"\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kernal"), "{e}");
     }
 
     #[test]

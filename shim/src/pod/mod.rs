@@ -3,6 +3,7 @@
 //! Types here are our own (and oci-spec's), never containerd's.
 
 pub mod container;
+pub mod vm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -137,5 +138,6 @@ pub struct PodContext {
 pub fn new(config: &Config, ctx: PodContext) -> Result<Arc<dyn Pod>> {
     match config.mode {
         Mode::Container => Ok(Arc::new(container::ContainerPod::new(ctx)?)),
+        Mode::Vm => Ok(Arc::new(vm::VmPod::new(config, ctx)?)),
     }
 }

@@ -170,6 +170,48 @@ fn parse_options(opts: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
+/// How long CreateContainer waits for a hot-added disk to show up in the guest.
+pub const DISK_WAIT: Duration = Duration::from_secs(10);
+
+/// A mount source `serial:<id>` names a virtio-blk disk by its serial (the id the host gave it
+/// at hot-add): the `/dev/vdX` whose `<sys_block>/vdX/serial` is `<id>`, waited for (a hot-added
+/// disk appears asynchronously) at most `wait`. Any other source is used as it is.
+fn resolve_source(sys_block: &Path, source: &str, wait: Duration) -> VResult<String> {
+    let Some(serial) = source.strip_prefix("serial:") else {
+        return Ok(source.to_string());
+    };
+    if serial.is_empty() || serial.len() > 20 || serial.contains('/') {
+        return Err(verr(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("mount source {source:?}: a disk serial is 1-20 bytes without '/'"),
+        ));
+    }
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(dir) = std::fs::read_dir(sys_block) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Ok(s) = std::fs::read_to_string(e.path().join("serial")) else {
+                    continue;
+                };
+                if s.trim_end() == serial {
+                    return Ok(format!("/dev/{name}"));
+                }
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(verr(
+                ttrpc::Code::NOT_FOUND,
+                format!(
+                    "mount source {source:?}: no disk with serial {serial} under {} within {wait:?}",
+                    sys_block.display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Overlay needs its upperdir and workdir to exist: make them, when they are inside the bundle
 /// (typically on a tmpfs or a writable disk mounted there by an earlier mount of the list).
 fn make_overlay_dirs(bundle: &Path, options: &[String]) -> VResult<()> {
@@ -336,8 +378,9 @@ impl Containers {
                 }
                 let (flags, data) = parse_options(&m.options);
                 let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
+                let source = resolve_source(Path::new("/sys/block"), &m.source, DISK_WAIT)?;
                 mount(
-                    Some(m.source.as_str()),
+                    Some(source.as_str()),
                     &target,
                     fstype,
                     flags,
@@ -606,6 +649,30 @@ fn unmount_all(mounts: &[PathBuf]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_serial_sources_resolve_through_sysfs() {
+        let sys = tempfile::tempdir().unwrap();
+        for (dev, serial) in [("vda", "layer0\n"), ("vdb", "c1-rw")] {
+            std::fs::create_dir_all(sys.path().join(dev)).unwrap();
+            std::fs::write(sys.path().join(dev).join("serial"), serial).unwrap();
+        }
+        let w = Duration::from_millis(50);
+        assert_eq!(
+            resolve_source(sys.path(), "serial:layer0", w).unwrap(),
+            "/dev/vda"
+        );
+        assert_eq!(
+            resolve_source(sys.path(), "serial:c1-rw", w).unwrap(),
+            "/dev/vdb"
+        );
+        assert_eq!(resolve_source(sys.path(), "tmpfs", w).unwrap(), "tmpfs");
+        let e = resolve_source(sys.path(), "serial:nope", w).unwrap_err();
+        assert_eq!(e.code, ttrpc::Code::NOT_FOUND);
+        assert!(e.msg.contains("nope"), "{}", e.msg);
+        let e = resolve_source(sys.path(), "serial:../x", w).unwrap_err();
+        assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT);
+    }
 
     #[test]
     fn ids_are_checked() {

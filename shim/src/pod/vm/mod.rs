@@ -1,0 +1,1370 @@
+//! VmPod: the pod is one VM (QEMU through the `tandem_vmm::Hypervisor` seam); its containers run
+//! inside it, created by the guest agent with tandem-oci. The first container created (the CRI
+//! sandbox, or the lone container of a `ctr run`) boots the VM, sized from its spec
+//! ([`topology`]); the last one deleted stops it.
+//!
+//! Rootfs: every read-only layer becomes an erofs image (cached per committed snapshot,
+//! [`layers`]) hot-added as a read-only virtio-blk disk; the agent stacks them with overlay over a
+//! tmpfs in the guest. The guest's spec is rewritten from the host's ([`spec`]).
+//!
+//! The guest is untrusted: the agent client bounds every call in time and checks every reply;
+//! this module bounds the boot (`[vm] boot_timeout_s`) and never waits on the guest without a
+//! limit. Long polls (WaitProcess, ReadStdout/ReadStderr) run on threads of their own, never on
+//! tokio's few blocking threads.
+//!
+//! What is made is recorded first, in `<state dir>/vm+<pod>.json` (run dir, QEMU pid once known,
+//! containers), so that `containerd-shim-tandem-v2 delete` after a `kill -9` of the shim removes
+//! it too ([`delete_after_crash`]). The QEMU pid is reported to containerd as every process's
+//! pid (the guest's pids mean nothing on the host).
+
+pub mod layers;
+pub mod spec;
+pub mod topology;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tandem_agent::client::{AgentClient, Mount};
+use tandem_oci::{LinuxResources, Stats};
+use tandem_vmm::config::AgentChannel;
+use tandem_vmm::qemu::{Accel as QemuAccel, Qemu, QemuConfig};
+use tandem_vmm::{BootMode, Hypervisor, RunningVm, VmConfig};
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    CreateOpts, Error, ExecOpts, ExitInfo, PidInfo, Pod, PodContext, ProcessState, Result, Status,
+};
+use crate::config::{Accel, Config, Hypervisor as HvKind, VmSection};
+use crate::io::StdioPaths;
+use crate::state::StateDir;
+
+/// Kernel command line of the guest.
+const CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// Where the agent keeps bundles (its layout, see vmm/agent/src/containers.rs).
+const GUEST_BUNDLES: &str = "/run/tandem/bundles";
+/// One WaitProcess long poll.
+const WAIT_POLL: Duration = Duration::from_secs(10);
+/// One ReadStdout/ReadStderr long poll.
+const READ_POLL: Duration = Duration::from_secs(1);
+const READ_CHUNK: u32 = 64 * 1024;
+/// How long an exit waits for the process's output to be copied out.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Consecutive failed agent calls after which a poll loop gives up.
+const MAX_ERRORS: u32 = 50;
+/// Exit status of every process of a VM that died under it (as if SIGKILLed).
+pub const VM_GONE_STATUS: u32 = 137;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("blocking task: {e}")))
+}
+
+fn agent_err(e: tandem_agent::Error) -> Error {
+    let msg = e.to_string();
+    if msg.contains("NOT_FOUND") {
+        Error::NotFound(msg)
+    } else if msg.contains("INVALID_ARGUMENT") {
+        Error::InvalidArgument(msg)
+    } else if msg.contains("ALREADY_EXISTS") {
+        Error::AlreadyExists(msg)
+    } else {
+        Error::Other(msg)
+    }
+}
+
+fn is_timeout(e: &tandem_agent::Error) -> bool {
+    matches!(e, tandem_agent::Error::Timeout { .. })
+}
+
+/// What the pod made, on disk before it is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub pod: String,
+    pub shim_pid: u32,
+    pub run_dir: PathBuf,
+    /// QEMU's pid once started (0 before: then QEMU is found by its run dir).
+    pub vmm_pid: u32,
+    pub containers: Vec<String>,
+}
+
+fn record_path(state: &StateDir, pod: &str) -> PathBuf {
+    // `+` is not allowed in containerd ids: no container's record is named like this
+    state.path(&format!("vm+{pod}"))
+}
+
+fn save_record(state: &StateDir, r: &VmRecord) -> std::io::Result<()> {
+    let path = record_path(state, &r.pod);
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".vm+{}.json.tmp", r.pod));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(r).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The pids of QEMU processes whose command line names `run_dir`.
+fn qemus_in(run_dir: &Path) -> Vec<u32> {
+    let needle = run_dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.contains("qemu"))
+            && args.iter().any(|a| a.contains(&format!("{needle}/")))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Remove what a record names: the QEMU process (checked to be that VM's), the run dir.
+fn remove_recorded(r: &VmRecord) {
+    let mut pids = qemus_in(&r.run_dir);
+    if r.vmm_pid > 0 && !pids.contains(&r.vmm_pid) {
+        pids.push(r.vmm_pid);
+    }
+    for pid in pids {
+        match tandem_vmm::qemu::kill_by_pid(pid, &r.run_dir) {
+            Ok(true) => tracing::info!(pid, pod = r.pod, "killed the VM of a dead shim"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(pid, pod = r.pod, "kill VM: {e}"),
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&r.run_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("remove {}: {e}", r.run_dir.display());
+        }
+    }
+}
+
+/// `delete` after the shim died: when a VM record of this namespace names `id` and its shim is
+/// gone, stop the VM and remove its run dir; the record goes with its last container.
+pub fn delete_after_crash(state: &StateDir, id: &str) {
+    let probe = state.path("x");
+    let Some(dir) = probe.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("vm+") && name.ends_with(".json")) {
+            continue;
+        }
+        let Ok(data) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(mut r) = serde_json::from_slice::<VmRecord>(&data) else {
+            tracing::warn!("{}: not a VM record", e.path().display());
+            continue;
+        };
+        if !r.containers.iter().any(|c| c == id) && r.pod != id {
+            continue;
+        }
+        if r.shim_pid > 0 && Path::new(&format!("/proc/{}", r.shim_pid)).exists() {
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", r.shim_pid)).unwrap_or_default();
+            if comm.trim().starts_with("containerd-shim") {
+                // the pod's shim lives: it owns the VM
+                continue;
+            }
+        }
+        remove_recorded(&r);
+        r.containers.retain(|c| c != id);
+        r.vmm_pid = 0;
+        let res = if r.containers.is_empty() {
+            std::fs::remove_file(e.path())
+        } else {
+            save_record(state, &r)
+        };
+        if let Err(err) = res {
+            tracing::warn!("{}: {err}", e.path().display());
+        }
+    }
+}
+
+/// The running VM of the pod.
+struct Vm {
+    agent: Arc<AgentClient>,
+    running: Mutex<Option<Box<dyn RunningVm>>>,
+    pid: u32,
+    run_dir: PathBuf,
+    dead: Arc<AtomicBool>,
+    /// Attached layer images: image path -> (disk id, users).
+    disks: Mutex<HashMap<PathBuf, (String, usize)>>,
+}
+
+impl Vm {
+    fn dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn console_tail(&self) -> String {
+        console_tail(&self.run_dir)
+    }
+
+    /// Attach `image` read-only (once per VM); returns its disk id (the guest's serial).
+    fn attach(&self, image: &Path) -> Result<String> {
+        let mut disks = self.disks.lock().expect("disks poisoned");
+        if let Some((id, n)) = disks.get_mut(image) {
+            *n += 1;
+            return Ok(id.clone());
+        }
+        let mut r = self.running.lock().expect("vm poisoned");
+        let vm = r
+            .as_mut()
+            .ok_or_else(|| Error::FailedPrecondition("the pod's VM is stopped".into()))?;
+        let id = vm
+            .hot_add_disk(&tandem_vmm::DiskConfig {
+                path: image.to_path_buf(),
+                read_only: true,
+            })
+            .map_err(|e| Error::Other(format!("attach {}: {e}", image.display())))?;
+        disks.insert(image.to_path_buf(), (id.clone(), 1));
+        Ok(id)
+    }
+
+    /// Drop one use of `image`; the last one detaches the disk.
+    fn detach(&self, image: &Path) {
+        let mut disks = self.disks.lock().expect("disks poisoned");
+        let Some((id, n)) = disks.get_mut(image) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        let id = id.clone();
+        disks.remove(image);
+        drop(disks);
+        if self.dead() {
+            return;
+        }
+        if let Some(vm) = self.running.lock().expect("vm poisoned").as_mut() {
+            if let Err(e) = vm.hot_remove_disk(&id) {
+                tracing::warn!(disk = id, "detach {}: {e}", image.display());
+            }
+        }
+    }
+
+    /// Stop QEMU and remove the run dir (sockets, console log, private images).
+    fn teardown(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        if let Some(mut vm) = self.running.lock().expect("vm poisoned").take() {
+            if let Err(e) = vm.stop() {
+                tracing::warn!(pid = self.pid, "stop VM: {e}");
+                let _ = tandem_vmm::qemu::kill_by_pid(self.pid, &self.run_dir);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("remove {}: {e}", self.run_dir.display());
+            }
+        }
+    }
+}
+
+fn console_tail(run_dir: &Path) -> String {
+    let text = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcStatus {
+    Created,
+    Running,
+    Stopped,
+}
+
+struct ProcSt {
+    guest_pid: i32,
+    status: ProcStatus,
+    stdin_close: Option<oneshot::Sender<()>>,
+}
+
+/// A container's init or an exec'd process.
+struct Proc {
+    ctr: String,
+    exec_id: Option<String>,
+    stdio: StdioPaths,
+    /// The guest process spec (JSON) of an exec.
+    spec: Option<Vec<u8>>,
+    st: Mutex<ProcSt>,
+    exit: watch::Sender<Option<ExitInfo>>,
+}
+
+impl Proc {
+    fn new(ctr: &str, exec_id: Option<String>, stdio: StdioPaths, spec: Option<Vec<u8>>) -> Self {
+        Proc {
+            ctr: ctr.to_string(),
+            exec_id,
+            stdio,
+            spec,
+            st: Mutex::new(ProcSt {
+                guest_pid: 0,
+                status: ProcStatus::Created,
+                stdin_close: None,
+            }),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn eid(&self) -> &str {
+        self.exec_id.as_deref().unwrap_or_default()
+    }
+
+    fn exited(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    fn status(&self) -> ProcStatus {
+        self.st.lock().expect("proc poisoned").status
+    }
+
+    /// Record the exit (the first one wins).
+    fn set_exit(&self, pid: u32, code: u32) {
+        self.st.lock().expect("proc poisoned").status = ProcStatus::Stopped;
+        self.exit.send_if_modified(|e| {
+            if e.is_some() {
+                return false;
+            }
+            *e = Some(ExitInfo {
+                pid,
+                code,
+                at: SystemTime::now(),
+            });
+            true
+        });
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        let r = rx.wait_for(|e| e.is_some()).await;
+        match r {
+            Ok(e) => e.expect("waited for Some"),
+            Err(_) => unreachable!("exit sender dropped while borrowed"),
+        }
+    }
+
+    fn close_stdin(&self) {
+        if let Some(tx) = self.st.lock().expect("proc poisoned").stdin_close.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Copy one output stream of a guest process into its fifo until EOF (or the process is gone).
+fn pump_output(vm: Arc<Vm>, p: Arc<Proc>, stderr: bool, done: std_mpsc::Sender<()>) {
+    let path = if stderr {
+        &p.stdio.stderr
+    } else {
+        &p.stdio.stdout
+    };
+    let mut out = if path.is_empty() {
+        None
+    } else {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(id = p.ctr, "open {path}: {e}");
+                None
+            }
+        }
+    };
+    let mut errors = 0;
+    loop {
+        match vm
+            .agent
+            .read_output(&p.ctr, p.eid(), stderr, READ_CHUNK, READ_POLL)
+        {
+            Ok((data, eof)) => {
+                errors = 0;
+                if let Some(f) = out.as_mut() {
+                    if !data.is_empty() && f.write_all(&data).is_err() {
+                        out = None;
+                    }
+                }
+                if eof {
+                    break;
+                }
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => {
+                if vm.dead() || e.to_string().contains("NOT_FOUND") {
+                    break;
+                }
+                errors += 1;
+                if errors >= MAX_ERRORS {
+                    tracing::warn!(id = p.ctr, "output of {:?}: {e}", p.exec_id);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let _ = done.send(());
+}
+
+/// Wait for the guest process to exit, let its output drain, record the exit.
+fn wait_exit(vm: Arc<Vm>, p: Arc<Proc>, outputs: std_mpsc::Receiver<()>, n_outputs: usize) {
+    let mut errors = 0;
+    let code = loop {
+        if p.exited().is_some() {
+            return;
+        }
+        match vm.agent.wait_process(&p.ctr, p.eid(), WAIT_POLL) {
+            Ok(e) => break e.status as u32,
+            Err(e) if is_timeout(&e) && !vm.dead() => {}
+            Err(e) => {
+                if vm.dead() {
+                    break VM_GONE_STATUS;
+                }
+                errors += 1;
+                if errors >= MAX_ERRORS {
+                    tracing::warn!(id = p.ctr, exec = p.eid(), "wait: {e}; reported as 255");
+                    break 255;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let deadline = Instant::now() + OUTPUT_DRAIN;
+    for _ in 0..n_outputs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if outputs.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    p.set_exit(vm.pid, code);
+}
+
+/// Start the output pumps, the stdin copy and the exit waiter of a process that exists in the
+/// guest.
+fn attach_io(vm: &Arc<Vm>, p: &Arc<Proc>) {
+    let (tx, rx) = std_mpsc::channel();
+    for stderr in [false, true] {
+        let (vm, p, tx) = (vm.clone(), p.clone(), tx.clone());
+        std::thread::spawn(move || pump_output(vm, p, stderr, tx));
+    }
+    drop(tx);
+    {
+        let (vm, p) = (vm.clone(), p.clone());
+        std::thread::spawn(move || wait_exit(vm, p, rx, 2));
+    }
+    if !p.stdio.stdin.is_empty() {
+        let (close_tx, close_rx) = oneshot::channel();
+        p.st.lock().expect("proc poisoned").stdin_close = Some(close_tx);
+        tokio::spawn(copy_stdin(vm.clone(), p.clone(), close_rx));
+    }
+}
+
+/// stdin fifo -> agent, until EOF or CloseIO; then the guest process gets EOF.
+async fn copy_stdin(vm: Arc<Vm>, p: Arc<Proc>, mut close: oneshot::Receiver<()>) {
+    let src = tokio::net::unix::pipe::OpenOptions::new().open_receiver(&p.stdio.stdin);
+    let mut src = match src {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(id = p.ctr, "open {}: {e}", p.stdio.stdin);
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let write = |data: Vec<u8>| {
+        let (vm, p) = (vm.clone(), p.clone());
+        async move {
+            blocking(move || vm.agent.write_stdin(&p.ctr, p.eid(), &data))
+                .await
+                .map(|r| r.is_ok())
+                .unwrap_or(false)
+        }
+    };
+    loop {
+        tokio::select! {
+            r = src.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !write(buf[..n].to_vec()).await {
+                        return;
+                    }
+                }
+            },
+            _ = &mut close => {
+                while let Ok(n) = src.try_read(&mut buf) {
+                    if n == 0 || !write(buf[..n].to_vec()).await {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let (vm2, p2) = (vm.clone(), p.clone());
+    let _ = blocking(move || vm2.agent.close_stdin(&p2.ctr, p2.eid())).await;
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd returned is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+struct Ctr {
+    id: String,
+    bundle: PathBuf,
+    init: Arc<Proc>,
+    execs: Mutex<HashMap<String, Arc<Proc>>>,
+    paused: AtomicBool,
+    /// Layer images attached for it (detached at delete).
+    images: Vec<PathBuf>,
+    /// Its private images (removed at delete).
+    private: Vec<PathBuf>,
+}
+
+impl Ctr {
+    fn proc(&self, exec_id: Option<&str>) -> Result<Arc<Proc>> {
+        match exec_id {
+            None => Ok(self.init.clone()),
+            Some(e) => self
+                .execs
+                .lock()
+                .expect("execs poisoned")
+                .get(e)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::NotFound(format!("container {}: exec {e} not found", self.id))
+                }),
+        }
+    }
+
+    fn procs(&self) -> Vec<Arc<Proc>> {
+        let mut v: Vec<_> = self
+            .execs
+            .lock()
+            .expect("execs poisoned")
+            .values()
+            .cloned()
+            .collect();
+        v.push(self.init.clone());
+        v
+    }
+}
+
+pub struct VmPod {
+    ctx: PodContext,
+    cfg: VmSection,
+    config_source: String,
+    vm: tokio::sync::Mutex<Option<Arc<Vm>>>,
+    record: Mutex<Option<VmRecord>>,
+    containers: Arc<Mutex<HashMap<String, Arc<Ctr>>>>,
+    creating: Mutex<HashSet<String>>,
+}
+
+fn not_found_finished() -> Error {
+    Error::NotFound("process already finished".into())
+}
+
+impl VmPod {
+    pub fn new(config: &Config, ctx: PodContext) -> Result<VmPod> {
+        match config.vm.hypervisor {
+            HvKind::Qemu => {}
+        }
+        Ok(VmPod {
+            ctx,
+            cfg: config.vm.clone(),
+            config_source: config
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(defaults: no config file)".into()),
+            vm: tokio::sync::Mutex::new(None),
+            record: Mutex::new(None),
+            containers: Arc::new(Mutex::new(HashMap::new())),
+            creating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn ctr(&self, id: &str) -> Result<Arc<Ctr>> {
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+    }
+
+    /// Change the on-disk record and write it.
+    fn update_record(&self, f: impl FnOnce(&mut VmRecord)) {
+        let mut slot = self.record.lock().expect("record poisoned");
+        if let Some(r) = slot.as_mut() {
+            f(r);
+            if let Err(e) = save_record(&self.ctx.state, r) {
+                tracing::warn!("save VM record: {e}");
+            }
+        }
+    }
+
+    fn drop_record(&self) {
+        if let Some(r) = self.record.lock().expect("record poisoned").take() {
+            let _ = std::fs::remove_file(record_path(&self.ctx.state, &r.pod));
+        }
+    }
+
+    /// The pod's VM, booted on first use from the spec of the first container.
+    async fn ensure_vm(&self, spec: &Value, pod: &str) -> Result<Arc<Vm>> {
+        let mut slot = self.vm.lock().await;
+        if let Some(vm) = &*slot {
+            if vm.dead() {
+                return Err(Error::FailedPrecondition(format!(
+                    "the pod's VM (QEMU pid {}) is gone",
+                    vm.pid
+                )));
+            }
+            return Ok(vm.clone());
+        }
+        let cfg = &self.cfg;
+        for (what, p) in [("kernel", &cfg.kernel), ("initrd", &cfg.initrd)] {
+            if !p.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "VM {what} {}: no such file ([vm] {what} in {})",
+                    p.display(),
+                    self.config_source
+                )));
+            }
+        }
+        let shape = topology::shape(spec, cfg, Path::new("/sys"))
+            .map_err(|e| Error::InvalidArgument(format!("VM of pod {pod}: {e}")))?;
+        let short: String = pod.chars().take(12).collect();
+        let run_dir = cfg.run_dir.join(format!("{}-{short}", std::process::id()));
+        let record = VmRecord {
+            pod: pod.to_string(),
+            shim_pid: std::process::id(),
+            run_dir: run_dir.clone(),
+            vmm_pid: 0,
+            containers: vec![],
+        };
+        save_record(&self.ctx.state, &record)
+            .map_err(|e| Error::Other(format!("VM record of pod {pod}: {e}")))?;
+        *self.record.lock().expect("record poisoned") = Some(record.clone());
+        let qemu = QemuConfig {
+            binary: cfg.qemu.clone(),
+            accel: match cfg.accel {
+                Accel::Auto => QemuAccel::Auto,
+                Accel::Kvm => QemuAccel::Kvm,
+                Accel::Tcg => QemuAccel::Tcg,
+            },
+            ..QemuConfig::new(run_dir.clone())
+        };
+        let socket = run_dir.join("agent.sock");
+        let vmcfg = VmConfig {
+            kernel: cfg.kernel.clone(),
+            boot: BootMode::Linux,
+            initrd: Some(cfg.initrd.clone()),
+            cmdline: CMDLINE.to_string(),
+            vcpus: shape.vcpus,
+            memory: shape.memory,
+            nics: vec![],
+            disks: vec![],
+            vsock: None,
+            serial_log: Some(run_dir.join("console.log")),
+            agent: Some(AgentChannel::SerialPort {
+                socket: socket.clone(),
+            }),
+            netns: None,
+        };
+        let boot_timeout = Duration::from_secs(cfg.boot_timeout_s);
+        let call_timeout = Duration::from_secs(cfg.call_timeout_s);
+        let state = self.ctx.state.clone();
+        let pod_id = pod.to_string();
+        let booted = blocking(move || -> Result<(Box<dyn RunningVm>, AgentClient)> {
+            std::fs::create_dir_all(&run_dir)
+                .map_err(|e| Error::Other(format!("mkdir {}: {e}", run_dir.display())))?;
+            let started = Instant::now();
+            let mut running = Qemu::new(qemu)
+                .start(&vmcfg)
+                .map_err(|e| Error::Other(format!("VM of pod {pod_id}: {e}")))?;
+            let mut rec = record;
+            rec.vmm_pid = running.pid();
+            if let Err(e) = save_record(&state, &rec) {
+                tracing::warn!("save VM record: {e}");
+            }
+            let answer = AgentClient::connect(&socket, call_timeout).and_then(|c| {
+                let v = c.version_within(boot_timeout)?;
+                Ok((c, v))
+            });
+            match answer {
+                Ok((client, v)) => {
+                    tracing::info!(
+                        pod = pod_id,
+                        pid = running.pid(),
+                        kernel = v.kernel_release,
+                        "VM booted, agent answered after {:?}",
+                        started.elapsed()
+                    );
+                    Ok((running, client))
+                }
+                Err(e) => {
+                    let tail = console_tail(&run_dir);
+                    let _ = running.stop();
+                    Err(Error::Other(format!(
+                        "VM of pod {pod_id}: the guest agent did not answer within {boot_timeout:?}: {e}; console tail:\n{tail}"
+                    )))
+                }
+            }
+        })
+        .await
+        .and_then(|r| r);
+        let (running, client) = match booted {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(r) = self.record.lock().expect("record poisoned").clone() {
+                    remove_recorded(&r);
+                }
+                self.drop_record();
+                return Err(e);
+            }
+        };
+        let pid = running.pid();
+        self.update_record(|r| r.vmm_pid = pid);
+        let vm = Arc::new(Vm {
+            agent: Arc::new(client),
+            running: Mutex::new(Some(running)),
+            pid,
+            run_dir: self
+                .record
+                .lock()
+                .expect("record poisoned")
+                .as_ref()
+                .map(|r| r.run_dir.clone())
+                .unwrap_or_default(),
+            dead: Arc::new(AtomicBool::new(false)),
+            disks: Mutex::new(HashMap::new()),
+        });
+        self.watch_vm(&vm);
+        *slot = Some(vm.clone());
+        Ok(vm)
+    }
+
+    /// When QEMU exits under the pod, every process still running reports an exit.
+    fn watch_vm(&self, vm: &Arc<Vm>) {
+        let vm = vm.clone();
+        let containers = self.containers.clone();
+        tokio::spawn(async move {
+            let fd = match pidfd_open(vm.pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(pid = vm.pid, "pidfd of QEMU: {e}");
+                    return;
+                }
+            };
+            // SAFETY: the pidfd is an OwnedFd the AsyncFd owns and nothing else closes.
+            let Ok(afd) =
+                (unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) })
+            else {
+                return;
+            };
+            let _ = afd.readable().await;
+            let _ = afd.get_ref().as_raw_fd();
+            if vm.dead.swap(true, Ordering::SeqCst) {
+                return; // stopped by us
+            }
+            tracing::warn!(pid = vm.pid, "the pod's VM exited:\n{}", vm.console_tail());
+            let ctrs: Vec<Arc<Ctr>> = containers
+                .lock()
+                .expect("containers poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for c in ctrs {
+                for p in c.procs() {
+                    if p.status() != ProcStatus::Created || p.exec_id.is_none() {
+                        p.set_exit(vm.pid, VM_GONE_STATUS);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Undo a container's disks and images. When other containers remain, the disks are
+    /// detached on a thread of their own (the guest takes seconds to release a PCIe device);
+    /// when none does, the VM stops and takes them along.
+    fn release(&self, vm: &Arc<Vm>, images: Vec<PathBuf>, private: Vec<PathBuf>) {
+        let last = self
+            .containers
+            .lock()
+            .expect("containers poisoned")
+            .is_empty()
+            && self.creating.lock().expect("creating poisoned").is_empty();
+        if last {
+            return;
+        }
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            for i in &images {
+                vm.detach(i);
+            }
+            for p in &private {
+                let _ = std::fs::remove_file(p);
+            }
+        });
+    }
+
+    /// Stop the VM when no container is left.
+    async fn stop_if_empty(&self) {
+        let empty = self
+            .containers
+            .lock()
+            .expect("containers poisoned")
+            .is_empty()
+            && self.creating.lock().expect("creating poisoned").is_empty();
+        if !empty {
+            return;
+        }
+        let vm = self.vm.lock().await.take();
+        if let Some(vm) = vm {
+            let _ = blocking(move || vm.teardown()).await;
+        }
+        self.drop_record();
+    }
+
+    async fn create_inner(&self, opts: CreateOpts) -> Result<u32> {
+        let id = opts.id.clone();
+        if opts.stdio.terminal {
+            return Err(Error::InvalidArgument(format!(
+                "container {id}: a terminal (ctr run -t) is not supported in VM mode yet"
+            )));
+        }
+        let cfg_path = opts.bundle.join("config.json");
+        let text = std::fs::read(&cfg_path)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", cfg_path.display())))?;
+        let host_spec: Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", cfg_path.display())))?;
+        if !host_spec["process"]["args"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "container {id}: process.args is empty"
+            )));
+        }
+        let pod = self
+            .record
+            .lock()
+            .expect("record poisoned")
+            .as_ref()
+            .map(|r| r.pod.clone())
+            .unwrap_or_else(|| id.clone());
+        let vm = self.ensure_vm(&host_spec, &pod).await?;
+        self.update_record(|r| r.containers.push(id.clone()));
+        let r = self.make_container(&vm, &opts, host_spec).await;
+        match r {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                self.update_record(|r| r.containers.retain(|c| c != &id));
+                Err(e)
+            }
+        }
+    }
+
+    async fn make_container(
+        &self,
+        vm: &Arc<Vm>,
+        opts: &CreateOpts,
+        host_spec: Value,
+    ) -> Result<u32> {
+        let id = opts.id.clone();
+        let root_path = host_spec["root"]["path"]
+            .as_str()
+            .unwrap_or("rootfs")
+            .to_string();
+        let plan = layers::plan(&opts.mounts, &opts.bundle, &root_path)
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        let cache = self.cfg.layer_cache.clone();
+        let run_dir = vm.run_dir.clone();
+        let cid = id.clone();
+        let made = blocking(move || {
+            let mut images = Vec::new();
+            let mut private = Vec::new();
+            for (i, l) in plan.iter().enumerate() {
+                let own = run_dir.join(format!("{cid}-{i}.erofs"));
+                match layers::image(l, &cache, &own) {
+                    Ok(img) => {
+                        if matches!(l, layers::Layer::Private(_)) {
+                            private.push(img.clone());
+                        }
+                        images.push(img);
+                    }
+                    Err(e) => {
+                        for p in &private {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        return Err(Error::Other(format!("container {cid}: {e}")));
+                    }
+                }
+            }
+            Ok((images, private))
+        })
+        .await??;
+        let (images, private) = made;
+        let v = vm.clone();
+        let imgs = images.clone();
+        let attached = blocking(move || {
+            let mut serials = Vec::new();
+            for (n, i) in imgs.iter().enumerate() {
+                match v.attach(i) {
+                    Ok(s) => serials.push(s),
+                    Err(e) => {
+                        for j in &imgs[..n] {
+                            v.detach(j);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(serials)
+        })
+        .await?;
+        let serials = match attached {
+            Ok(s) => s,
+            Err(e) => {
+                for p in &private {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        };
+        let b = format!("{GUEST_BUNDLES}/{id}");
+        let mut mounts: Vec<Mount> = serials
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Mount {
+                fstype: "erofs".into(),
+                source: format!("serial:{s}"),
+                target: format!("layers/{i}"),
+                options: vec!["ro".into()],
+            })
+            .collect();
+        let lower: Vec<String> = (0..serials.len())
+            .map(|i| format!("{b}/layers/{i}"))
+            .collect();
+        mounts.push(Mount {
+            fstype: "tmpfs".into(),
+            source: "tmpfs".into(),
+            target: "rw".into(),
+            options: vec!["mode=0755".into()],
+        });
+        mounts.push(Mount {
+            fstype: "overlay".into(),
+            source: "overlay".into(),
+            target: "rootfs".into(),
+            options: vec![format!(
+                "lowerdir={},upperdir={b}/rw/upper,workdir={b}/rw/work",
+                lower.join(":")
+            )],
+        });
+        let (gspec, dropped) = spec::guest_spec(host_spec, &id);
+        if !dropped.is_empty() {
+            tracing::info!(id, ?dropped, "host bind mounts not given to the guest");
+        }
+        let gspec = serde_json::to_vec(&gspec).map_err(|e| Error::Other(e.to_string()))?;
+        let stdin = !opts.stdio.stdin.is_empty();
+        let (v, cid) = (vm.clone(), id.clone());
+        let created =
+            blocking(move || v.agent.create_container(&cid, &gspec, &mounts, stdin)).await?;
+        let guest_pid = match created {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(vm, images, private);
+                return Err(agent_err(e));
+            }
+        };
+        let init = Arc::new(Proc::new(&id, None, opts.stdio.clone(), None));
+        init.st.lock().expect("proc poisoned").guest_pid = guest_pid;
+        attach_io(vm, &init);
+        let ctr = Arc::new(Ctr {
+            id: id.clone(),
+            bundle: opts.bundle.clone(),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+            images,
+            private,
+        });
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .insert(id, ctr);
+        Ok(vm.pid)
+    }
+
+    async fn vm(&self) -> Result<Arc<Vm>> {
+        self.vm
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| Error::FailedPrecondition("the pod has no VM".into()))
+    }
+}
+
+#[async_trait]
+impl Pod for VmPod {
+    async fn create(&self, opts: CreateOpts) -> Result<u32> {
+        let id = opts.id.clone();
+        {
+            let have = self.containers.lock().expect("containers poisoned");
+            let mut creating = self.creating.lock().expect("creating poisoned");
+            if have.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(Error::AlreadyExists(format!(
+                    "container {id}: already exists"
+                )));
+            }
+        }
+        let r = self.create_inner(opts).await;
+        self.creating.lock().expect("creating poisoned").remove(&id);
+        if r.is_err() {
+            self.stop_if_empty().await;
+        }
+        r
+    }
+
+    async fn start(&self, id: &str, exec_id: Option<&str>) -> Result<u32> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let vm = self.vm().await?;
+        if p.status() != ProcStatus::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}{}: already started",
+                exec_id.map(|e| format!(" exec {e}")).unwrap_or_default()
+            )));
+        }
+        if p.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: process exited before start"
+            )));
+        }
+        let (v, cid) = (vm.clone(), id.to_string());
+        match exec_id {
+            None => {
+                blocking(move || v.agent.start_container(&cid))
+                    .await?
+                    .map_err(agent_err)?;
+            }
+            Some(eid) => {
+                let spec = p.spec.clone().expect("an exec has a spec");
+                let stdin = !p.stdio.stdin.is_empty();
+                let e = eid.to_string();
+                let gpid = blocking(move || v.agent.exec_process(&cid, &e, &spec, stdin))
+                    .await?
+                    .map_err(agent_err)?;
+                p.st.lock().expect("proc poisoned").guest_pid = gpid;
+                attach_io(&vm, &p);
+            }
+        }
+        let mut st = p.st.lock().expect("proc poisoned");
+        if st.status == ProcStatus::Created {
+            st.status = ProcStatus::Running;
+        }
+        Ok(vm.pid)
+    }
+
+    async fn exec(&self, opts: ExecOpts) -> Result<()> {
+        let ctr = self.ctr(&opts.id)?;
+        if opts.stdio.terminal {
+            return Err(Error::InvalidArgument(format!(
+                "container {} exec {}: a terminal is not supported in VM mode yet",
+                opts.id, opts.exec_id
+            )));
+        }
+        if ctr.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {}: not running",
+                opts.id
+            )));
+        }
+        let process = serde_json::to_value(&opts.process)
+            .map_err(|e| Error::InvalidArgument(format!("exec {}: {e}", opts.exec_id)))?;
+        let json = serde_json::to_vec(&spec::guest_process(process))
+            .map_err(|e| Error::Other(e.to_string()))?;
+        let mut execs = ctr.execs.lock().expect("execs poisoned");
+        if execs.contains_key(&opts.exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "container {}: exec {} already exists",
+                opts.id, opts.exec_id
+            )));
+        }
+        let p = Proc::new(&opts.id, Some(opts.exec_id.clone()), opts.stdio, Some(json));
+        execs.insert(opts.exec_id, Arc::new(p));
+        Ok(())
+    }
+
+    async fn kill(&self, id: &str, exec_id: Option<&str>, signal: u32, all: bool) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let vm = self.vm().await?;
+        if p.exited().is_some() && !(all && exec_id.is_none()) {
+            return Err(not_found_finished());
+        }
+        if exec_id.is_some() && p.status() == ProcStatus::Created {
+            return Err(Error::FailedPrecondition("process not created".into()));
+        }
+        if vm.dead() {
+            return Err(not_found_finished());
+        }
+        let (cid, eid) = (id.to_string(), exec_id.unwrap_or_default().to_string());
+        let r = blocking(move || vm.agent.signal_process(&cid, &eid, signal as i32, all)).await?;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => match agent_err(e) {
+                Error::NotFound(_) => Err(not_found_finished()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<ExitInfo> {
+        let p = self.ctr(id)?.proc(exec_id)?;
+        Ok(p.wait().await)
+    }
+
+    async fn delete(&self, id: &str, exec_id: Option<&str>) -> Result<ExitInfo> {
+        let ctr = self.ctr(id)?;
+        let vm = self.vm().await?;
+        if let Some(eid) = exec_id {
+            let p = ctr.proc(Some(eid))?;
+            if p.status() == ProcStatus::Running && p.exited().is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {id} exec {eid}: cannot delete a running process"
+                )));
+            }
+            ctr.execs.lock().expect("execs poisoned").remove(eid);
+            p.close_stdin();
+            return Ok(p.exited().unwrap_or(ExitInfo {
+                pid: 0,
+                code: 0,
+                at: SystemTime::now(),
+            }));
+        }
+        if ctr.init.status() == ProcStatus::Running && ctr.init.exited().is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: cannot delete a running container"
+            )));
+        }
+        if !vm.dead() {
+            let (v, cid) = (vm.clone(), id.to_string());
+            let r = blocking(move || v.agent.remove_container(&cid)).await?;
+            if let Err(e) = r {
+                if !vm.dead() {
+                    tracing::warn!(id, "RemoveContainer: {e}");
+                }
+            }
+        }
+        let exit = match ctr.init.exited() {
+            Some(e) => e,
+            None => tokio::time::timeout(Duration::from_secs(2), ctr.init.wait())
+                .await
+                .unwrap_or(ExitInfo {
+                    pid: vm.pid,
+                    code: VM_GONE_STATUS,
+                    at: SystemTime::now(),
+                }),
+        };
+        for p in ctr.procs() {
+            p.close_stdin();
+            // a process never started has no waiter
+            if p.exited().is_none() {
+                p.set_exit(vm.pid, exit.code);
+            }
+        }
+        self.containers
+            .lock()
+            .expect("containers poisoned")
+            .remove(id);
+        self.release(&vm, ctr.images.clone(), ctr.private.clone());
+        self.update_record(|r| r.containers.retain(|c| c != id));
+        self.stop_if_empty().await;
+        Ok(exit)
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let vm = self.vm().await?;
+        let cid = id.to_string();
+        blocking(move || vm.agent.pause_container(&cid))
+            .await?
+            .map_err(agent_err)?;
+        ctr.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        let vm = self.vm().await?;
+        let cid = id.to_string();
+        blocking(move || vm.agent.resume_container(&cid))
+            .await?
+            .map_err(agent_err)?;
+        ctr.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        self.ctr(id)?;
+        let vm = self.vm().await?;
+        let cid = id.to_string();
+        let s = blocking(move || vm.agent.stats(&cid))
+            .await?
+            .map_err(agent_err)?;
+        let mut out = Stats::default();
+        out.cpu.usage_total_ns = s.cpu_usage_total_ns;
+        out.memory.usage_bytes = s.memory_usage_bytes;
+        out.memory.limit_bytes = s.memory_limit_bytes;
+        out.pids.current = s.pids_current;
+        Ok(out)
+    }
+
+    async fn update(&self, id: &str, _resources: LinuxResources) -> Result<()> {
+        self.ctr(id)?;
+        Err(Error::FailedPrecondition(format!(
+            "container {id}: updating resources is not supported in VM mode (agent API v1 has no Update)"
+        )))
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<PidInfo>> {
+        let ctr = self.ctr(id)?;
+        let mut out = Vec::new();
+        for p in ctr.procs() {
+            let gpid = p.st.lock().expect("proc poisoned").guest_pid;
+            if gpid > 0 && p.exited().is_none() {
+                out.push(PidInfo {
+                    pid: gpid as u32,
+                    exec_id: p.exec_id.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn state(&self, id: &str, exec_id: Option<&str>) -> Result<ProcessState> {
+        let ctr = self.ctr(id)?;
+        let p = ctr.proc(exec_id)?;
+        let pid = self.vm.lock().await.as_ref().map(|v| v.pid).unwrap_or(0);
+        let exit = p.exited();
+        let status = match (exit, p.status()) {
+            (Some(_), _) | (_, ProcStatus::Stopped) => Status::Stopped,
+            (None, ProcStatus::Created) => Status::Created,
+            (None, ProcStatus::Running) if ctr.paused.load(Ordering::SeqCst) => Status::Paused,
+            (None, ProcStatus::Running) => Status::Running,
+        };
+        Ok(ProcessState {
+            id: id.to_string(),
+            exec_id: p.exec_id.clone(),
+            bundle: ctr.bundle.clone(),
+            pid,
+            status,
+            stdio: p.stdio.clone(),
+            exit,
+        })
+    }
+
+    async fn close_io(&self, id: &str, exec_id: Option<&str>) -> Result<()> {
+        let p = self.ctr(id)?.proc(exec_id)?;
+        p.close_stdin();
+        Ok(())
+    }
+
+    async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        _width: u32,
+        _height: u32,
+    ) -> Result<()> {
+        self.ctr(id)?.proc(exec_id)?;
+        Err(Error::FailedPrecondition(format!(
+            "container {id}: resize pty: the process has no terminal (not supported in VM mode yet)"
+        )))
+    }
+
+    async fn containers(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .containers
+            .lock()
+            .expect("containers poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        ids.extend(
+            self.creating
+                .lock()
+                .expect("creating poisoned")
+                .iter()
+                .cloned(),
+        );
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_crash_cleanup_of_a_dead_shim() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path(), "ns1");
+        let run_dir = tmp.path().join("run/123-pod");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::write(run_dir.join("console.log"), b"x").unwrap();
+        let r = VmRecord {
+            pod: "pod1".into(),
+            // a pid that is not a shim
+            shim_pid: u32::MAX - 1,
+            run_dir: run_dir.clone(),
+            vmm_pid: 0,
+            containers: vec!["pod1".into(), "c2".into()],
+        };
+        save_record(&state, &r).unwrap();
+        let path = record_path(&state, "pod1");
+        assert_eq!(path, tmp.path().join("ns1/vm+pod1.json"));
+        // an id the record does not name: nothing happens
+        delete_after_crash(&state, "other");
+        assert!(run_dir.exists() && path.exists());
+        delete_after_crash(&state, "c2");
+        assert!(!run_dir.exists(), "run dir removed");
+        let back: VmRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back.containers, vec!["pod1".to_string()]);
+        delete_after_crash(&state, "pod1");
+        assert!(!path.exists(), "record removed with its last container");
+    }
+}
