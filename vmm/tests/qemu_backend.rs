@@ -436,3 +436,62 @@ fn kill_by_pid_removes_a_detached_qemu() {
     // Again: nothing to do.
     assert!(!kill_by_pid(pid, &run_dir).unwrap());
 }
+
+/// QEMU runs in a network namespace (`VmConfig.netns`) and a NIC on a tap there is hot-added:
+/// the guest sees a NIC with that MAC.
+#[test]
+fn hot_add_nic_on_a_tap_in_the_vm_netns() {
+    let g = guest();
+    let ns = format!("tnd-qnic-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &ns]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(ns.clone());
+    ip(&["-n", &ns, "tuntap", "add", "dev", "tap0_t", "mode", "tap"]);
+    ip(&["-n", &ns, "link", "set", "tap0_t", "up"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = vm_config(&g, dir.path(), 1);
+    cfg.netns = Some(PathBuf::from(format!("/var/run/netns/{ns}")));
+    let _slot = slot();
+    let mut vm = backend(&dir.path().join("run"))
+        .start(&cfg)
+        .expect("start in the netns");
+    let client = AgentClient::connect(&dir.path().join("agent.sock"), CALL_TIMEOUT).unwrap();
+    client.version_within(BOOT_DEADLINE).expect("agent");
+    vm.hot_add_nic(&tandem_vmm::NicConfig {
+        tap: "tap0_t".into(),
+        mac: [0x02, 0x54, 0, 0x12, 0x34, 0x56],
+    })
+    .expect("hot-add NIC");
+    let out = sh(
+        &client,
+        "for i in $(seq 100); do grep -l 02:54:00:12:34:56 /sys/class/net/*/address && exit 0; \
+         sleep 0.1; done; exit 1",
+    );
+    assert!(out.contains("/sys/class/net/"), "{out:?}");
+    // A bad tap name is refused before QEMU is asked, naming it. (A tap that does not exist
+    // is made by QEMU itself, as root, and goes with it.)
+    let e = vm
+        .hot_add_nic(&tandem_vmm::NicConfig {
+            tap: "a/b".into(),
+            mac: [0x02, 0, 0, 0, 0, 9],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"a/b\""), "{e}");
+    drop(client);
+    vm.stop().unwrap();
+}
