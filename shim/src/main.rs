@@ -9,6 +9,9 @@ mod events;
 #[cfg_attr(not(test), allow(dead_code))]
 mod idmap;
 mod io;
+// VM pods' networking (tap + tc mirror of the pod netns); used by the VmPod.
+#[cfg_attr(not(test), allow(dead_code))]
+mod net;
 mod pod;
 mod reaper;
 mod rootfs;
