@@ -4,32 +4,17 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use common::{config, in_private_netns, read, TempDir};
 use tandem_vmm::microvm::bus::BusDevice;
 use tandem_vmm::microvm::vcpu::{gettid, ExitReason};
 use tandem_vmm::microvm::{Vm, VmOptions};
-use tandem_vmm::{BootMode, CpuMode, MemoryBacking, MemoryConfig, VcpuConfig, VmConfig, VmState};
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("tandem-vmm-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tandem_vmm::{BootMode, CpuMode, MemoryBacking, MemoryConfig, VcpuConfig, VmState};
 
 /// Real mode: "Hi\n" to COM1, then i8042 CPU reset.
 const HI_AND_RESET: &[u8] = &[
@@ -40,31 +25,6 @@ const HI_AND_RESET: &[u8] = &[
     0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
     0xf4, 0xeb, 0xfd, // hlt; jmp hlt
 ];
-
-fn config(dir: &Path, payload: &[u8], mode: CpuMode, vcpus: Vec<VcpuConfig>) -> VmConfig {
-    let kernel = dir.join("payload.bin");
-    std::fs::write(&kernel, payload).unwrap();
-    VmConfig {
-        kernel,
-        boot: BootMode::Flat {
-            load_addr: 0x1000,
-            mode,
-        },
-        initrd: None,
-        cmdline: String::new(),
-        vcpus,
-        memory: MemoryConfig {
-            size_mib: 2,
-            ..Default::default()
-        },
-        nics: vec![],
-        disks: vec![],
-        vsock: None,
-        serial_log: Some(dir.join("serial.log")),
-        agent: None,
-        netns: None,
-    }
-}
 
 fn wait_exit(vm: &Vm, timeout: Duration) -> Option<ExitReason> {
     let mut pfd = libc::pollfd {
@@ -81,18 +41,9 @@ fn wait_exit(vm: &Vm, timeout: Duration) -> Option<ExitReason> {
     }
 }
 
-fn read(p: &Path) -> String {
-    let mut s = String::new();
-    std::fs::File::open(p)
-        .unwrap()
-        .read_to_string(&mut s)
-        .unwrap();
-    s
-}
-
 #[test]
 fn serial_hi_reaches_the_log_and_i8042_reset_ends_the_vm() {
-    let dir = TempDir::new("serial");
+    let dir = TempDir::new("core-serial");
     let cfg = config(
         &dir.0,
         HI_AND_RESET,
@@ -143,7 +94,7 @@ fn two_vcpus_report_from_their_own_pinned_threads() {
         0xee, // out dx, al
         0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
     ];
-    let dir = TempDir::new("pin");
+    let dir = TempDir::new("core-pin");
     // vCPU 0 on host CPU 1 and vCPU 1 on host CPU 0, so that pinning cannot be a coincidence.
     let cfg = config(
         &dir.0,
@@ -179,8 +130,11 @@ fn two_vcpus_report_from_their_own_pinned_threads() {
     // Both vCPUs are halted in the kernel (or parked); shutdown must still end them.
     vm.shutdown();
     assert_eq!(vm.state(), VmState::Stopped);
+    // A joined thread's task can outlive the join by a moment (the kernel clears the tid the
+    // join waits for before the task is released).
     for t in threads {
-        assert!(!Path::new(&format!("/proc/self/task/{}", t.tid)).exists());
+        let task = format!("/proc/self/task/{}", t.tid);
+        common::wait_for(&task, || !Path::new(&task).exists());
     }
 }
 
@@ -214,7 +168,7 @@ fn guest_mmio_accesses_reach_the_right_device() {
         0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
         0xf4, 0xeb, 0xfd,
     ];
-    let dir = TempDir::new("mmio");
+    let dir = TempDir::new("core-mmio");
     let cfg = config(
         &dir.0,
         &code,
@@ -261,7 +215,7 @@ fn pause_parks_the_vcpus_and_resume_continues() {
         0xba, 0x20, 0x05, // mov dx, 0x520
         0xee, 0xeb, 0xfd, // loop: out dx, al; jmp loop
     ];
-    let dir = TempDir::new("pause");
+    let dir = TempDir::new("core-pause");
     let cfg = config(
         &dir.0,
         &code,
@@ -332,7 +286,7 @@ fn hugetlb_backed_prefaulted_memory_comes_from_the_hugepage_pool() {
         meminfo("HugePages_Total:") >= old_n + pages,
         "could not reserve {pages} 2 MiB hugepages"
     );
-    let dir = TempDir::new("huge");
+    let dir = TempDir::new("core-huge");
     let mut cfg = config(
         &dir.0,
         HI_AND_RESET,
@@ -369,7 +323,7 @@ fn hugetlb_backed_prefaulted_memory_comes_from_the_hugepage_pool() {
 
 #[test]
 fn unsupported_and_invalid_configs_fail_naming_the_thing() {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new("core-bad");
     let mut cfg = config(
         &dir.0,
         HI_AND_RESET,
@@ -412,7 +366,7 @@ fn unsupported_and_invalid_configs_fail_naming_the_thing() {
 
 #[test]
 fn guest_driver_drives_the_virtio_block_state_machine() {
-    let dir = TempDir::new("virtio");
+    let dir = TempDir::new("core-virtio");
     let disk = dir.0.join("disk.img");
     let mut img = vec![0u8; 4096];
     img[512..1024].fill(b'Z');
@@ -466,10 +420,8 @@ fn guest_driver_drives_the_virtio_block_state_machine() {
 #[test]
 fn disks_and_several_nics_appear_as_virtio_mmio_devices() {
     // In a private network namespace, so that the taps never touch the host's.
-    std::thread::spawn(|| {
-        // SAFETY: affects only this thread (and the vCPU threads it starts).
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-        let dir = TempDir::new("nics");
+    in_private_netns(|| {
+        let dir = TempDir::new("core-nics");
         let disk = dir.0.join("disk.img");
         std::fs::write(&disk, vec![0u8; 4096]).unwrap();
         let mut a = common::Asm::default();
@@ -522,7 +474,142 @@ fn disks_and_several_nics_appear_as_virtio_mmio_devices() {
         assert_eq!(read(&dir.0.join("serial.log")), "211b");
         // The taps were not persistent: closing the VM removed them.
         assert_eq!(ifindex("tndvm1"), 0);
-    })
-    .join()
-    .unwrap();
+    });
+}
+
+fn mmio_read32(vm: &Vm, addr: u64) -> u32 {
+    let mut b = [0u8; 4];
+    vm.mmio_bus().read().unwrap().read(addr, &mut b);
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn hot_add_maps_the_slot_then_raises_the_ged_interrupt_the_guest_takes() {
+    in_private_netns(|| {
+        let dir = TempDir::new("core-hotplug");
+        let boot_disk = dir.0.join("boot.img");
+        std::fs::write(&boot_disk, vec![0u8; 4096]).unwrap();
+        let hot_disk = dir.0.join("hot.img");
+        std::fs::write(&hot_disk, vec![0u8; 4096]).unwrap();
+        let mut cfg = config(
+            &dir.0,
+            &common::hotplug_guest(),
+            CpuMode::Protected32,
+            common::one_vcpu(),
+        );
+        cfg.disks.push(tandem_vmm::DiskConfig {
+            path: boot_disk,
+            read_only: true,
+        });
+        let log = dir.0.join("serial.log");
+        let mut vm = Vm::create(&cfg, VmOptions { seccomp: true }).unwrap();
+        let hp = vm.hotplug();
+        let bits = |hp: &std::sync::Arc<Mutex<_>>| {
+            let c: std::sync::MutexGuard<
+                '_,
+                tandem_vmm::microvm::devices::hotplug::HotplugController,
+            > = hp.lock().unwrap();
+            (c.present(), c.events())
+        };
+        assert_eq!(bits(&hp), (1, 0));
+        vm.start().unwrap();
+        common::wait_for("the guest to be ready", || read(&log).ends_with('R'));
+        const MAGIC: u32 = u32::from_le_bytes(*b"virt");
+        let slot1 = 0xd000_1000;
+        assert_eq!(
+            mmio_read32(&vm, slot1),
+            u32::MAX,
+            "slot 1 answers before the hot-add"
+        );
+
+        let nic = vm
+            .hot_add_nic(&tandem_vmm::NicConfig {
+                tap: "tndhot1".into(),
+                mac: [2, 0, 0, 0, 0, b'h'],
+            })
+            .unwrap();
+        assert_eq!((nic.base, nic.gsi), (slot1, 6));
+        assert_eq!(mmio_read32(&vm, slot1), MAGIC);
+        assert_eq!(mmio_read32(&vm, slot1 + 8), 1, "device id: net");
+        common::wait_for("the guest's GED interrupt handler", || {
+            std::fs::read(&log).unwrap().len() == 4
+        });
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R2");
+        assert_eq!(bits(&hp), (0b11, 0), "the guest acknowledged");
+
+        // A missing image is refused naming it; nothing is added, no interrupt.
+        let missing = dir.0.join("missing.img");
+        let e = vm
+            .hot_add_disk(
+                &tandem_vmm::DiskConfig {
+                    path: missing.clone(),
+                    read_only: false,
+                },
+                "d1",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        let e = vm
+            .hot_add_disk(
+                &tandem_vmm::DiskConfig {
+                    path: hot_disk.clone(),
+                    read_only: false,
+                },
+                &"x".repeat(21),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 to 20 bytes"), "{e}");
+        assert_eq!(bits(&hp), (0b11, 0));
+        assert_eq!(vm.virtio_devices().len(), 2);
+
+        let disk = vm
+            .hot_add_disk(
+                &tandem_vmm::DiskConfig {
+                    path: hot_disk.clone(),
+                    read_only: false,
+                },
+                "d1",
+            )
+            .unwrap();
+        assert_eq!((disk.base, disk.gsi), (0xd000_2000, 7));
+        assert_eq!(
+            wait_exit(&vm, Duration::from_secs(10)),
+            Some(ExitReason::PowerOff)
+        );
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R24v1v270");
+        let e = vm
+            .hot_add_disk(
+                &tandem_vmm::DiskConfig {
+                    path: hot_disk,
+                    read_only: false,
+                },
+                "d2",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stopped"), "{e}");
+        vm.shutdown();
+    });
+}
+
+#[test]
+fn hot_add_stops_when_every_slot_is_taken() {
+    let dir = TempDir::new("core-slots");
+    let img = dir.0.join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let cfg = config(&dir.0, HI_AND_RESET, CpuMode::Real16, common::one_vcpu());
+    let mut vm = Vm::create(&cfg, VmOptions::default()).unwrap();
+    let disk = tandem_vmm::DiskConfig {
+        path: img,
+        read_only: true,
+    };
+    for i in 0..18 {
+        let s = vm.hot_add_disk(&disk, &format!("d{i}")).unwrap();
+        assert_eq!(s.gsi, 5 + i);
+    }
+    assert_eq!(vm.hotplug().lock().unwrap().present(), 0x3ffff);
+    let e = vm.hot_add_disk(&disk, "d18").unwrap_err().to_string();
+    assert!(e.contains("all 18 virtio slots are in use"), "{e}");
 }

@@ -3,60 +3,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::{in_private_netns, wait_for, TempDir};
 use tandem_vmm::microvm::backend::MicroVm;
-use tandem_vmm::{
-    BootMode, CpuMode, Hypervisor, MemoryConfig, NicConfig, VcpuConfig, VmConfig, VmState,
-};
+use tandem_vmm::{BootMode, CpuMode, Hypervisor, NicConfig, VcpuConfig, VmConfig, VmState};
 
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("tandem-vmmp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
+/// A real-mode payload VM (see `common::config`).
 fn config(dir: &Path, payload: &[u8], vcpus: Vec<VcpuConfig>) -> VmConfig {
-    let kernel = dir.join("payload.bin");
-    std::fs::write(&kernel, payload).unwrap();
-    VmConfig {
-        kernel,
-        boot: BootMode::Flat {
-            load_addr: 0x1000,
-            mode: CpuMode::Real16,
-        },
-        initrd: None,
-        cmdline: String::new(),
-        vcpus,
-        memory: MemoryConfig {
-            size_mib: 2,
-            ..Default::default()
-        },
-        nics: vec![],
-        disks: vec![],
-        vsock: None,
-        serial_log: Some(dir.join("serial.log")),
-        agent: None,
-        netns: None,
-    }
+    common::config(dir, payload, CpuMode::Real16, vcpus)
 }
 
 fn backend(dir: &Path) -> MicroVm {
@@ -75,14 +31,6 @@ fn status_field(pid: u32, tid: i32, key: &str) -> String {
         .to_string()
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// "Hi\n" to COM1 from each vCPU, then cli; hlt forever.
 const HI_THEN_HALT: &[u8] = &[
     0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -92,7 +40,7 @@ const HI_THEN_HALT: &[u8] = &[
 
 #[test]
 fn binary_runs_the_payload_and_obeys_its_control_socket() {
-    let dir = TempDir::new("ctl");
+    let dir = TempDir::new("proc-ctl");
     let cfg = config(
         &dir.0,
         HI_THEN_HALT,
@@ -171,7 +119,7 @@ fn guest_power_off_ends_the_process() {
         0xef, // out dx, ax
         0xf4, 0xeb, 0xfd,
     ];
-    let dir = TempDir::new("poweroff");
+    let dir = TempDir::new("proc-poweroff");
     let cfg = config(&dir.0, &code, vec![VcpuConfig { host_cpu: None }]);
     let mut vm = backend(&dir.0).start(&cfg).unwrap();
     let pid = vm.pid();
@@ -192,7 +140,7 @@ fn guest_power_off_ends_the_process() {
 
 #[test]
 fn bad_configs_fail_naming_the_thing_and_leave_nothing_behind() {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new("proc-bad");
     let hv = backend(&dir.0);
     let mut cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
     cfg.kernel = "/x/vmlinuz".into();
@@ -227,7 +175,7 @@ fn bad_configs_fail_naming_the_thing_and_leave_nothing_behind() {
 
 #[test]
 fn guest_reads_a_disk_through_virtio_mmio_served_by_the_event_loop() {
-    let dir = TempDir::new("blk");
+    let dir = TempDir::new("proc-blk");
     let disk = dir.0.join("disk.img");
     let mut img = vec![0u8; 8192];
     img[512..1024].fill(b'Q');
@@ -258,49 +206,67 @@ fn guest_reads_a_disk_through_virtio_mmio_served_by_the_event_loop() {
 }
 
 #[test]
-fn hot_added_nic_appears_to_a_probing_guest() {
+fn hot_added_devices_reach_the_guest_through_the_ged_interrupt() {
     // The VMM process inherits this thread's private network namespace: its taps stay there.
-    std::thread::spawn(|| {
-        // SAFETY: affects only this thread and the processes it spawns.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-        let dir = TempDir::new("hotadd");
-        // Spin until the first virtio-mmio window answers with device id 1 (net), print it.
-        let mut code = common::Asm::default();
-        code.load_eax(common::VIRTIO_BASE + 8);
-        code.0.extend([0x3c, 0x01, 0x75, 0xf7]); // cmp al, 1; jne back to the load
-        code.add_al(b'0').serial_al();
-        code.load_al(common::VIRTIO_BASE + 0x100 + 5).serial_al(); // last MAC byte
-        code.power_off();
-        let mut cfg = config(&dir.0, &code.0, vec![VcpuConfig { host_cpu: None }]);
-        cfg.boot = BootMode::Flat {
-            load_addr: 0x1000,
-            mode: CpuMode::Protected32,
-        };
+    in_private_netns(|| {
+        let dir = TempDir::new("proc-hotadd");
+        let boot_disk = dir.0.join("boot.img");
+        std::fs::write(&boot_disk, vec![0u8; 4096]).unwrap();
+        let hot_disk = dir.0.join("hot.img");
+        std::fs::write(&hot_disk, vec![0u8; 8192]).unwrap();
+        let mut cfg = common::config(
+            &dir.0,
+            &common::hotplug_guest(),
+            CpuMode::Protected32,
+            common::one_vcpu(),
+        );
+        cfg.disks.push(tandem_vmm::DiskConfig {
+            path: boot_disk,
+            read_only: true,
+        });
+        let log = dir.0.join("serial.log");
         let mut vm = backend(&dir.0).start(&cfg).unwrap();
         let pid = vm.pid();
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(vm.state().unwrap(), VmState::Running);
+        // Before: slot 1 is empty (reads all ones), only slot 0 (the boot disk) is present.
+        wait_for("the guest to be ready", || {
+            common::read(&log).ends_with('R')
+        });
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R", "no interrupt yet");
+
         vm.hot_add_nic(&NicConfig {
             tap: "tndhot0".into(),
             mac: [2, 0, 0, 0, 0, b'h'],
         })
         .unwrap();
-        wait_for("the guest to see the NIC and power off", || {
+        // The handler saw slot 1's event bit.
+        wait_for("the GED interrupt for the NIC", || {
+            std::fs::read(&log).unwrap().len() == 4
+        });
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R2");
+
+        let id = vm
+            .hot_add_disk(&tandem_vmm::DiskConfig {
+                path: hot_disk,
+                read_only: false,
+            })
+            .unwrap();
+        assert_eq!(id, "tdisk0");
+        wait_for("the guest to power off", || {
             vm.state().unwrap() == VmState::Stopped && !Path::new(&format!("/proc/{pid}")).exists()
         });
-        assert_eq!(
-            std::fs::read_to_string(dir.0.join("serial.log")).unwrap(),
-            "1h"
-        );
+        // Slot 2's event; then slot 1 answers "virt" as net (1), slot 2 as block (2); PRSN has
+        // slots 0-2; EVNT was acknowledged.
+        assert_eq!(std::fs::read(&log).unwrap(), b"\xff1R24v1v270");
+        // A bad disk is refused naming it, and nothing was added.
         vm.stop().unwrap();
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 #[test]
 fn vsock_socket_lives_and_dies_with_the_vm() {
-    let dir = TempDir::new("vsock");
+    let dir = TempDir::new("proc-vsock");
     let mut cfg = config(&dir.0, HI_THEN_HALT, vec![VcpuConfig { host_cpu: None }]);
     let uds = dir.0.join("vsock.sock");
     cfg.vsock = Some(tandem_vmm::VsockConfig {

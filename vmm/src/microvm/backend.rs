@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::{validate_nic, NicConfig, VmConfig};
+use crate::config::{validate_nic, DiskConfig, NicConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{Hypervisor, RunningVm, VcpuThread, VmState};
 use crate::microvm::control::{self, Request};
@@ -97,6 +97,12 @@ impl Hypervisor for MicroVm {
 
     fn start(&self, config: &VmConfig) -> Result<Box<dyn RunningVm>> {
         config.validate()?;
+        crate::microvm::check_supported(config)?;
+        // The process joins the pod's network namespace before exec, so it finds the taps.
+        let netns = match &config.netns {
+            Some(p) => Some(File::open(p).map_err(|e| Error::io(p, e))?),
+            None => None,
+        };
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let base = format!("tandem-vmm-{}-{n}", std::process::id());
         let socket = self.runtime_dir.join(format!("{base}.sock"));
@@ -118,11 +124,28 @@ impl Hypervisor for MicroVm {
         if !self.seccomp {
             cmd.arg("--no-seccomp");
         }
+        if let Some(ns) = &netns {
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            // SAFETY: only setns(2) runs between fork and exec; the fd is open in the parent
+            // (O_CLOEXEC: the exec closes it).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_file(&log);
-                return Err(perr(format!("spawn: {e}")));
+                return Err(match &config.netns {
+                    Some(p) => perr(format!("spawn in network namespace {}: {e}", p.display())),
+                    None => perr(format!("spawn: {e}")),
+                });
             }
         };
         let mut vm = MicroVmProcess {
@@ -132,6 +155,7 @@ impl Hypervisor for MicroVm {
             log,
             binary: self.binary.clone(),
             stopped: false,
+            disks: 0,
         };
         match wait_ready(&mut child) {
             Ok(()) => Ok(Box::new(vm)),
@@ -193,6 +217,8 @@ pub struct MicroVmProcess {
     log: PathBuf,
     binary: PathBuf,
     stopped: bool,
+    /// Disks hot-added so far (their ids are `tdisk<n>`).
+    disks: u64,
 }
 
 impl MicroVmProcess {
@@ -288,6 +314,24 @@ impl RunningVm for MicroVmProcess {
     fn hot_add_nic(&mut self, nic: &NicConfig) -> Result<()> {
         validate_nic(nic).map_err(|r| Error::invalid("nic", r))?;
         self.req(Request::AddNic { nic: nic.clone() }).map(|_| ())
+    }
+
+    fn hot_add_disk(&mut self, disk: &DiskConfig) -> Result<String> {
+        let id = format!("tdisk{}", self.disks);
+        self.req(Request::AddDisk {
+            disk: disk.clone(),
+            id: id.clone(),
+        })?;
+        self.disks += 1;
+        Ok(id)
+    }
+
+    /// Not supported: the microvm's slots have no eject path (`_EJ0`) yet.
+    fn hot_remove_disk(&mut self, id: &str) -> Result<()> {
+        Err(Error::Unsupported {
+            backend: "microvm",
+            feature: format!("hot-remove of disk {id}"),
+        })
     }
 
     fn stop(&mut self) -> Result<()> {

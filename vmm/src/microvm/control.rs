@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::NicConfig;
+use crate::config::{DiskConfig, NicConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{VcpuThread, VmState};
 
@@ -33,6 +33,13 @@ pub enum Request {
     AddNic {
         /// The NIC.
         nic: NicConfig,
+    },
+    /// Hot-add a disk whose virtio-blk serial is `id`.
+    AddDisk {
+        /// The disk.
+        disk: DiskConfig,
+        /// Its serial (GET_ID), 1 to 20 bytes.
+        id: String,
     },
 }
 
@@ -102,6 +109,14 @@ mod tests {
             serde_json::from_str(r#"{"op":"add_nic","nic":{"tap":"tap1","mac":[2,0,0,0,0,1]}}"#)
                 .unwrap();
         assert!(matches!(r, Request::AddNic { .. }));
+        let r: Request = serde_json::from_str(
+            r#"{"op":"add_disk","disk":{"path":"/d.img","read_only":true},"id":"tdisk0"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Request::AddDisk { ref id, .. } if id == "tdisk0"),
+            "{r:?}"
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
         let s = serde_json::to_string(&Response {
             state: Some(VmState::Paused),

@@ -43,6 +43,9 @@ fn handle(vm: &mut Vm, req: Request, added: &mut Option<VirtioSlot>) -> Response
                 *added = Some(slot);
             }),
         },
+        Request::AddDisk { disk, id } => vm.hot_add_disk(&disk, &id).map(|slot| {
+            *added = Some(slot);
+        }),
     };
     if let Err(e) = r {
         resp.error = Some(e.to_string());

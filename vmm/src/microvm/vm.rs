@@ -16,6 +16,9 @@ use crate::hypervisor::{VcpuThread, VmState};
 use crate::microvm::arch::{acpi, boot};
 use crate::microvm::bus::{Bus, SharedDevice};
 use crate::microvm::devices::block::Block;
+use crate::microvm::devices::hotplug::{
+    HotplugController, GED_GSI, HOTPLUG_BASE, HOTPLUG_LEN, HOTPLUG_REGS_LEN,
+};
 use crate::microvm::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::microvm::devices::net::Net;
 use crate::microvm::devices::power::{
@@ -37,8 +40,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// GSI of the first virtio-mmio device.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Most virtio-mmio devices (GSIs 5..=23 of the IOAPIC).
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio-mmio devices (GSIs 5..=22 of the IOAPIC; 23 is the GED's).
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 
 /// A virtio device on virtio-mmio: where it is and its transport.
 #[derive(Clone)]
@@ -51,6 +54,16 @@ pub struct VirtioSlot {
     pub gsi: u32,
     /// The transport.
     pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl std::fmt::Debug for VirtioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSlot")
+            .field("name", &self.name)
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("gsi", &self.gsi)
+            .finish()
+    }
 }
 
 /// Options of the VMM process, not of the guest.
@@ -79,6 +92,7 @@ pub struct Vm {
     ctl: Arc<VcpuControl>,
     vcpus: Vec<VcpuHandle>,
     virtio: Vec<VirtioSlot>,
+    hotplug: Arc<Mutex<HotplugController>>,
     pending: Vec<kvm_ioctls::VcpuFd>,
     stopped: bool,
 }
@@ -95,6 +109,7 @@ impl Vm {
     /// irqchip, the platform devices and the vCPUs, and loads the payload. No guest code runs yet.
     pub fn create(config: &VmConfig, opts: VmOptions) -> Result<Self> {
         config.validate()?;
+        super::check_supported(config)?;
 
         let kvm = Kvm::new_with_path(c"/dev/kvm")
             .map_err(|e| Error::io(KVM_PATH, std::io::Error::from_raw_os_error(e.errno())))?;
@@ -210,19 +225,43 @@ impl Vm {
             )?);
         }
 
+        // Hotplug registers and the GED interrupt; the boot devices are present from the start.
+        let ged_irq = if irqchip {
+            let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| dev_err("ACPI GED", format!("interrupt eventfd: {e}")))?;
+            vm_fd
+                .register_irqfd(&irq, GED_GSI)
+                .map_err(|e| Error::kvm(format!("KVM_IRQFD (ACPI GED, GSI {GED_GSI})"), e))?;
+            Some(irq)
+        } else {
+            None
+        };
+        let mut hotplug = HotplugController::new(ged_irq);
+        for i in 0..virtio.len() {
+            hotplug.set_present(i);
+        }
+        let hotplug = Arc::new(Mutex::new(hotplug));
+        mmio.insert(hotplug.clone(), HOTPLUG_BASE, HOTPLUG_LEN)
+            .map_err(|e| dev_err("ACPI GED", format!("MMIO {HOTPLUG_BASE:#x}: {e:?}")))?;
+
         // Payload.
         let n = config.vcpus.len();
         let entry = match config.boot {
             BootMode::Linux => {
-                let devs: Vec<acpi::MmioDevice> = virtio
-                    .iter()
-                    .map(|v| acpi::MmioDevice {
-                        base: v.base,
+                // Every slot is described, filled or not, so that hot-added devices can appear.
+                let slots: Vec<acpi::MmioDevice> = (0..MAX_VIRTIO_DEVICES)
+                    .map(|i| acpi::MmioDevice {
+                        base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
                         len: MMIO_WINDOW,
-                        gsi: v.gsi,
+                        gsi: VIRTIO_IRQ_BASE + i as u32,
                     })
                     .collect();
-                let rsdp = acpi::write_tables(&memory.mem, n, &devs)?;
+                let hp = acpi::Hotplug {
+                    regs: HOTPLUG_BASE,
+                    regs_len: HOTPLUG_REGS_LEN,
+                    gsi: GED_GSI,
+                };
+                let rsdp = acpi::write_tables(&memory.mem, n, &slots, hp)?;
                 Some(boot::load_linux(
                     &memory.mem,
                     config.memory.size_mib << 20,
@@ -285,6 +324,7 @@ impl Vm {
             ctl: Arc::new(VcpuControl::default()),
             vcpus: Vec::new(),
             virtio,
+            hotplug,
             pending,
             stopped: false,
         })
@@ -324,29 +364,59 @@ impl Vm {
         })
     }
 
-    /// Adds a virtio-net NIC to the running VM in the next free virtio-mmio window and returns
-    /// its slot. The device answers at once; the guest finds it by probing the window (there is no
-    /// ACPI hotplug notification yet).
+    /// Adds a virtio-net NIC to the running VM in the next free virtio-mmio slot, then tells the
+    /// guest through the ACPI GED (see [`Vm::hot_add`]).
     pub fn hot_add_nic(&mut self, nic: &crate::config::NicConfig) -> Result<VirtioSlot> {
         crate::config::validate_nic(nic).map_err(|r| Error::invalid("nic", r))?;
+        self.check_hot_add(
+            &format!("hot-add NIC {}", nic.tap),
+            &format!("tap {}", nic.tap),
+        )?;
+        let dev = Box::new(Net::open(nic)?);
+        self.hot_add(dev)
+    }
+
+    /// Adds a virtio-blk disk to the running VM in the next free slot; its serial (virtio-blk
+    /// GET_ID, `/sys/block/vdX/serial` in a Linux guest) is `id`, at most 20 bytes.
+    pub fn hot_add_disk(
+        &mut self,
+        disk: &crate::config::DiskConfig,
+        id: &str,
+    ) -> Result<VirtioSlot> {
+        let what = format!("disk {}", disk.path.display());
+        if id.is_empty() || id.len() > 20 {
+            return Err(Error::invalid(
+                "disk id",
+                format!("{what}: id {id:?} must be 1 to 20 bytes (the virtio-blk serial)"),
+            ));
+        }
+        self.check_hot_add(&format!("hot-add {what}"), &what)?;
+        let dev = Box::new(Block::open(&disk.path, disk.read_only)?.with_id(id));
+        self.hot_add(dev)
+    }
+
+    fn check_hot_add(&self, op: &str, what: &str) -> Result<()> {
         let st = self.state();
         if st == VmState::Stopped {
             return Err(Error::BadState {
                 state: st.to_string(),
-                op: format!("hot-add NIC {}", nic.tap),
+                op: op.to_string(),
             });
         }
-        let i = self.virtio.len();
-        if i >= MAX_VIRTIO_DEVICES {
+        if self.virtio.len() >= MAX_VIRTIO_DEVICES {
             return Err(Error::invalid(
-                "nic",
-                format!(
-                    "tap {}: all {MAX_VIRTIO_DEVICES} virtio slots are in use",
-                    nic.tap
-                ),
+                "hot-add",
+                format!("{what}: all {MAX_VIRTIO_DEVICES} virtio slots are in use"),
             ));
         }
-        let dev = Box::new(Net::open(nic)?);
+        Ok(())
+    }
+
+    /// Maps `dev` into the next free slot (it answers at once), then sets the slot's present and
+    /// event bits in the hotplug registers and raises the GED interrupt: a Linux guest runs the
+    /// GED's `_EVT`, which sends a bus check to the slot container, and enumerates the device.
+    fn hot_add(&mut self, dev: Box<dyn VirtioDevice>) -> Result<VirtioSlot> {
+        let i = self.virtio.len();
         let slot = {
             let mut bus = self.mmio.write().unwrap_or_else(|p| p.into_inner());
             Self::add_virtio(
@@ -360,7 +430,17 @@ impl Vm {
             )?
         };
         self.virtio.push(slot.clone());
+        self.hotplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plug(i)
+            .map_err(|e| dev_err("ACPI GED", format!("interrupt for slot {i}: {e}")))?;
         Ok(slot)
+    }
+
+    /// The hotplug registers (present and event bitmaps).
+    pub fn hotplug(&self) -> Arc<Mutex<HotplugController>> {
+        self.hotplug.clone()
     }
 
     /// The virtio-mmio devices, in order (disks, NICs, vsock).

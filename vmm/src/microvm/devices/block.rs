@@ -81,6 +81,14 @@ impl Block {
         })
     }
 
+    /// Sets the serial the guest reads with GET_ID (truncated to 20 bytes).
+    pub fn with_id(mut self, id: &str) -> Self {
+        self.id = [0; 20];
+        let n = id.len().min(20);
+        self.id[..n].copy_from_slice(&id.as_bytes()[..n]);
+        self
+    }
+
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors
