@@ -305,3 +305,317 @@ fn vm_killed_under_the_pod_ends_the_task_and_delete_cleans_up() {
         .unwrap_or_default();
     assert!(left.is_empty(), "run dirs left: {left:?}");
 }
+
+/// Shim processes of a containerd (they carry its socket in `-address`).
+fn shims_of(c: &Containerd) -> Vec<i32> {
+    let sock = c.socket.to_string_lossy().into_owned();
+    processes_matching(&sock)
+        .into_iter()
+        .filter(|(_, c)| c.contains("containerd-shim-tandem-v2"))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A CRI pod whose handler config is VM mode: the sandbox and two containers in one VM, one
+/// shim, one QEMU; the containers share the guest's network (localhost) and see the guest
+/// kernel; the pod IP answers from the host and is on eth0 in the guest; stats come from the
+/// guest; teardown leaves no QEMU and no shim.
+#[test]
+fn cri_pod_with_two_containers_in_one_vm() {
+    use std::collections::HashMap;
+    use tandem_tests::cri::{ContainerSpec, CriEnv, PodSpec};
+    let g = guest();
+    let _slot = vm_slot();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut env =
+        CriEnv::start(&vm_toml(&g.kernel, &g.initrd, cache.path())).expect("containerd with CRI");
+    let name = unique_id("vmpod");
+    let spec = PodSpec {
+        name: name.clone(),
+        handler: "tandem".into(),
+        log_dir: env.net.dir().join("logs").join(&name),
+        cgroup_parent: format!("/tandemtest-{name}"),
+        annotations: HashMap::new(),
+    };
+    let t0 = Instant::now();
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    eprintln!("RunPodSandbox (VM boot): {:?}", t0.elapsed());
+    let busybox = |name: &str, cmd: &[&str]| ContainerSpec {
+        name: name.into(),
+        image: BUSYBOX.into(),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let server = env
+        .cri
+        .create_container(
+            &pod_id,
+            &pod_cfg,
+            &busybox(
+                "server",
+                &["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/etc"],
+            ),
+        )
+        .expect("create server");
+    env.cri.start_container(&server).expect("start server");
+    let client = env
+        .cri
+        .create_container(&pod_id, &pod_cfg, &busybox("client", &["sleep", "1000"]))
+        .expect("create client");
+    env.cri.start_container(&client).expect("start client");
+    eprintln!("pod + 2 containers running: {:?}", t0.elapsed());
+
+    let r = env
+        .cri
+        .exec_sync(&client, &["uname", "-r"])
+        .expect("ExecSync");
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), g.release);
+    let r = env
+        .cri
+        .exec_sync(&client, &["sh", "-c", "echo out; echo err >&2; exit 4"])
+        .expect("ExecSync exit code");
+    assert_eq!(r.exit_code, 4);
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
+    let mut body = String::new();
+    wait_for(
+        "client fetches from server over the VM's localhost",
+        Duration::from_secs(20),
+        || {
+            let r = env
+                .cri
+                .exec_sync(&client, &["wget", "-qO-", "http://127.0.0.1:8080/passwd"])
+                .expect("ExecSync wget");
+            body = String::from_utf8_lossy(&r.stdout).into_owned();
+            r.exit_code == 0
+        },
+    );
+    assert!(body.starts_with("root:x:0:0"), "served /etc/passwd: {body}");
+    // the pod IP (CNI's, on the pod netns's veth) answers from the host: the guest holds it
+    let status = env.cri.pod_status(&pod_id).expect("PodSandboxStatus");
+    let ip = status
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    assert!(ip.starts_with("198.19."), "pod IP {ip:?}");
+    wait_for(
+        "the pod IP answers ping from the host",
+        Duration::from_secs(20),
+        || {
+            Command::new("ping")
+                .args(["-c", "1", "-W", "1", &ip])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    );
+    let r = env
+        .cri
+        .exec_sync(&client, &["ip", "-o", "-4", "addr", "show", "eth0"])
+        .expect("ExecSync ip");
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains(&format!("{ip}/")),
+        "eth0 in the guest holds the pod IP: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    let st = env.cri.container_stats(&client).expect("ContainerStats");
+    let mem = st
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref());
+    assert!(mem.is_some_and(|m| m.value > 0), "{st:?}");
+
+    let shims = shims_of(&env.containerd);
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    let vms = tandem_qemus();
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let qemu = vms[0].0;
+    let ppid = std::fs::read_to_string(format!("/proc/{qemu}/stat"))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<i32>()
+        .unwrap();
+    assert_eq!(ppid, shims[0], "QEMU is the pod shim's child");
+
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(qemu, Duration::from_secs(5));
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)?
+                .trim()
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{key} in /proc/meminfo"))
+}
+
+/// Reserves `pages` more free 2 MiB hugepages while alive; gives them back on drop.
+struct HugeReserve {
+    before: u64,
+}
+
+impl HugeReserve {
+    fn new(pages: u64) -> HugeReserve {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let before: u64 = std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let free = meminfo("HugePages_Free:");
+        if free < pages {
+            std::fs::write(path, format!("{}", before + pages - free)).unwrap();
+        }
+        HugeReserve { before }
+    }
+}
+
+impl Drop for HugeReserve {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", self.before));
+    }
+}
+
+/// The pod's cpuset "1" gives one vCPU whose thread is pinned to host CPU 1; hugepageLimits
+/// put guest memory (limit 64 MiB + 128 MiB overhead, raised to the 256 MiB floor) on 2 MiB
+/// hugepages, taken from
+/// HugePages_Free while the VM runs and given back after.
+#[test]
+fn cpuset_pins_the_vcpu_and_hugepages_back_guest_memory() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let c = &env.c;
+    let id = unique_id("vmpin");
+    let rootfs = c.dir().join("rootfs-pin");
+    unpack_busybox_rootfs(&rootfs).unwrap();
+    let mut spec = base_spec(c, &id, &rootfs, &["sleep", "1000"]);
+    spec["linux"]["resources"]["cpu"] = serde_json::json!({"cpus": "1"});
+    spec["linux"]["resources"]["memory"] = serde_json::json!({"limit": 64u64 << 20});
+    spec["linux"]["resources"]["hugepageLimits"] =
+        serde_json::json!([{"pageSize": "2MB", "limit": 256u64 << 20}]);
+    let path = c.dir().join(format!("{id}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let _reserve = HugeReserve::new(130);
+    let free_before = meminfo("HugePages_Free:");
+    let rt = runtime();
+    let mut args = vec!["run", "-d", "--runtime", &rt];
+    args.extend(env.args(&["--config", path.to_str().unwrap()]));
+    args.push(id.as_str());
+    c.ctr_ok(&args);
+    c.wait_task_status(&id, "RUNNING", Duration::from_secs(10));
+    let pid = c.task_pid(&id);
+    let mut vcpus = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("CPU ") {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            vcpus.push((comm.trim().to_string(), allowed));
+        }
+    }
+    assert_eq!(vcpus.len(), 1, "one vCPU thread: {vcpus:?}");
+    assert_eq!(
+        vcpus[0].1, "1",
+        "vCPU thread pinned to host CPU 1: {vcpus:?}"
+    );
+    let free_during = meminfo("HugePages_Free:");
+    assert!(
+        free_before - free_during >= 128,
+        "256 MiB of guest memory on 2 MiB pages: HugePages_Free {free_before} -> {free_during}"
+    );
+    // the guest sees one CPU
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "n",
+        &id,
+        "grep",
+        "-c",
+        "^processor",
+        "/proc/cpuinfo",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1");
+    c.remove(&id);
+    wait_no_qemu(pid, Duration::from_secs(10));
+    c.assert_no_leaks(&[&id]);
+    let free_after = meminfo("HugePages_Free:");
+    assert_eq!(free_after, free_before, "hugepages given back");
+}
+
+/// Pod cycles (`ctr run --rm`, one VM each): nothing is left after any of them.
+#[test]
+fn leak_ten_vm_pod_cycles() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let rt = runtime();
+    let mut ids = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..10 {
+        let id = format!("{}x", unique_id(&format!("vmleak{i}")));
+        let mut args = vec!["run", "--rm", "--runtime", rt.as_str()];
+        args.extend(env.args(&[]));
+        args.extend([BUSYBOX, id.as_str(), "sh", "-c", "echo ok"]);
+        let o = env.c.ctr(&args);
+        assert!(
+            o.status.success() && String::from_utf8_lossy(&o.stdout) == "ok\n",
+            "cycle {i}: {:?} {} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ids.push(id);
+    }
+    eprintln!("10 VM pod cycles: {:?}", t0.elapsed());
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    env.c.assert_no_leaks(&refs);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    let left: Vec<_> = std::fs::read_dir("/run/tandem-vm")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "run dirs left: {left:?}");
+    let state: Vec<_> = std::fs::read_dir(format!("/run/containerd-tandem/{}", env.c.namespace))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        state.iter().all(|p| !p.to_string_lossy().contains("vm+")),
+        "VM records left: {state:?}"
+    );
+}

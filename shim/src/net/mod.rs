@@ -166,8 +166,8 @@ impl Netns {
                 Ok(())
             });
         }
-        let out = cmd
-            .output()
+        // through the shim's reaper, which would otherwise take the command's exit (ECHILD)
+        let out = crate::pod::vm::output(&mut cmd)
             .map_err(|e| err(format!("cannot run (iproute2 installed?): {e}")))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -174,9 +174,15 @@ fn parse_options(opts: &[String]) -> (MsFlags, String) {
 pub const DISK_WAIT: Duration = Duration::from_secs(10);
 
 /// A mount source `serial:<id>` names a virtio-blk disk by its serial (the id the host gave it
-/// at hot-add): the `/dev/vdX` whose `<sys_block>/vdX/serial` is `<id>`, waited for (a hot-added
-/// disk appears asynchronously) at most `wait`. Any other source is used as it is.
-fn resolve_source(sys_block: &Path, source: &str, wait: Duration) -> VResult<String> {
+/// at hot-add): the `<dev_dir>/vdX` whose `<sys_block>/vdX/serial` is `<id>`, once it has a size
+/// and a device node, waited for (a hot-added disk appears asynchronously) at most `wait`. Any
+/// other source is used as it is.
+fn resolve_source(
+    sys_block: &Path,
+    dev_dir: &str,
+    source: &str,
+    wait: Duration,
+) -> VResult<String> {
     let Some(serial) = source.strip_prefix("serial:") else {
         return Ok(source.to_string());
     };
@@ -194,8 +200,11 @@ fn resolve_source(sys_block: &Path, source: &str, wait: Duration) -> VResult<Str
                 let Ok(s) = std::fs::read_to_string(e.path().join("serial")) else {
                     continue;
                 };
-                if s.trim_end() == serial {
-                    return Ok(format!("/dev/{name}"));
+                // a hot-added disk shows in sysfs before its size is known and its node is made
+                let size = std::fs::read_to_string(e.path().join("size")).unwrap_or_default();
+                let dev = Path::new(dev_dir).join(&name);
+                if s.trim_end() == serial && !matches!(size.trim(), "" | "0") && dev.exists() {
+                    return Ok(dev.to_string_lossy().into_owned());
                 }
             }
         }
@@ -378,15 +387,27 @@ impl Containers {
                 }
                 let (flags, data) = parse_options(&m.options);
                 let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
-                let source = resolve_source(Path::new("/sys/block"), &m.source, DISK_WAIT)?;
-                mount(
-                    Some(source.as_str()),
-                    &target,
-                    fstype,
-                    flags,
-                    (!data.is_empty()).then_some(data.as_str()),
-                )
-                .map_err(|e| {
+                let source = resolve_source(Path::new("/sys/block"), "/dev", &m.source, DISK_WAIT)?;
+                let deadline = std::time::Instant::now() + DISK_WAIT;
+                let do_mount = || {
+                    mount(
+                        Some(source.as_str()),
+                        &target,
+                        fstype,
+                        flags,
+                        (!data.is_empty()).then_some(data.as_str()),
+                    )
+                };
+                let mut r = do_mount();
+                // a just-attached disk may not open yet (ENXIO until the driver's probe ends)
+                while matches!(r, Err(nix::errno::Errno::ENXIO | nix::errno::Errno::ENODEV))
+                    && m.source.starts_with("serial:")
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    r = do_mount();
+                }
+                r.map_err(|e| {
                     verr(
                         ttrpc::Code::INVALID_ARGUMENT,
                         format!(
@@ -653,24 +674,31 @@ mod tests {
     #[test]
     fn disk_serial_sources_resolve_through_sysfs() {
         let sys = tempfile::tempdir().unwrap();
-        for (dev, serial) in [("vda", "layer0\n"), ("vdb", "c1-rw")] {
+        let devs = tempfile::tempdir().unwrap();
+        let d = devs.path().to_str().unwrap();
+        for (dev, serial, size) in [
+            ("vda", "layer0\n", "4096\n"),
+            ("vdb", "c1-rw", "8"),
+            ("vdc", "late", "0"),
+        ] {
             std::fs::create_dir_all(sys.path().join(dev)).unwrap();
             std::fs::write(sys.path().join(dev).join("serial"), serial).unwrap();
+            std::fs::write(sys.path().join(dev).join("size"), size).unwrap();
+            std::fs::write(devs.path().join(dev), b"").unwrap();
         }
         let w = Duration::from_millis(50);
-        assert_eq!(
-            resolve_source(sys.path(), "serial:layer0", w).unwrap(),
-            "/dev/vda"
-        );
-        assert_eq!(
-            resolve_source(sys.path(), "serial:c1-rw", w).unwrap(),
-            "/dev/vdb"
-        );
-        assert_eq!(resolve_source(sys.path(), "tmpfs", w).unwrap(), "tmpfs");
-        let e = resolve_source(sys.path(), "serial:nope", w).unwrap_err();
+        let r = |src: &str| resolve_source(sys.path(), d, src, w);
+        assert_eq!(r("serial:layer0").unwrap(), format!("{d}/vda"));
+        assert_eq!(r("serial:c1-rw").unwrap(), format!("{d}/vdb"));
+        assert_eq!(r("tmpfs").unwrap(), "tmpfs");
+        let e = r("serial:nope").unwrap_err();
         assert_eq!(e.code, ttrpc::Code::NOT_FOUND);
         assert!(e.msg.contains("nope"), "{}", e.msg);
-        let e = resolve_source(sys.path(), "serial:../x", w).unwrap_err();
+        // no size yet, or no device node yet: not ready
+        assert!(r("serial:late").is_err());
+        std::fs::remove_file(devs.path().join("vda")).unwrap();
+        assert!(r("serial:layer0").is_err());
+        let e = r("serial:../x").unwrap_err();
         assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT);
     }
 

@@ -136,11 +136,7 @@ pub fn mkfs(dir: &Path, out: &Path) -> Result<(), Error> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let o = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(&tmp)
-        .arg(dir)
-        .output()
+    let o = super::output(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(dir))
         .map_err(|e| err(dir.display(), format!("run mkfs.erofs (erofs-utils): {e}")))?;
     if !o.status.success() {
         let _ = std::fs::remove_file(&tmp);

@@ -96,6 +96,12 @@ pub struct VmRecord {
     /// QEMU's pid once started (0 before: then QEMU is found by its run dir).
     pub vmm_pid: u32,
     pub containers: Vec<String>,
+    /// The pod's network namespace (CRI), written before taps are made in it.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The taps and tc filters made in it.
+    #[serde(default)]
+    pub net: Option<crate::net::PodNetwork>,
 }
 
 fn record_path(state: &StateDir, pod: &str) -> PathBuf {
@@ -141,7 +147,7 @@ fn qemus_in(run_dir: &Path) -> Vec<u32> {
     found
 }
 
-/// Remove what a record names: the QEMU process (checked to be that VM's), the run dir.
+/// Remove what a record names: the QEMU process (checked to be that VM's), the taps, the run dir.
 fn remove_recorded(r: &VmRecord) {
     let mut pids = qemus_in(&r.run_dir);
     if r.vmm_pid > 0 && !pids.contains(&r.vmm_pid) {
@@ -154,11 +160,27 @@ fn remove_recorded(r: &VmRecord) {
             Err(e) => tracing::warn!(pid, pod = r.pod, "kill VM: {e}"),
         }
     }
+    if let Some(net) = &r.net {
+        if let Err(e) = crate::net::teardown(net) {
+            tracing::warn!(pod = r.pod, "{e}");
+        }
+    }
     if let Err(e) = std::fs::remove_dir_all(&r.run_dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("remove {}: {e}", r.run_dir.display());
         }
     }
+}
+
+/// The network namespace path of a spec (CRI gives the pod's; `ctr run` none).
+fn netns_of(spec: &Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// `delete` after the shim died: when a VM record of this namespace names `id` and its shim is
@@ -195,6 +217,7 @@ pub fn delete_after_crash(state: &StateDir, id: &str) {
         remove_recorded(&r);
         r.containers.retain(|c| c != id);
         r.vmm_pid = 0;
+        r.net = None;
         let res = if r.containers.is_empty() {
             std::fs::remove_file(e.path())
         } else {
@@ -215,6 +238,8 @@ struct Vm {
     dead: Arc<AtomicBool>,
     /// Attached layer images: image path -> (disk id, users).
     disks: Mutex<HashMap<PathBuf, (String, usize)>>,
+    /// The pod network mirrored into the VM.
+    net: Option<crate::net::PodNetwork>,
 }
 
 impl Vm {
@@ -277,6 +302,11 @@ impl Vm {
             if let Err(e) = vm.stop() {
                 tracing::warn!(pid = self.pid, "stop VM: {e}");
                 let _ = tandem_vmm::qemu::kill_by_pid(self.pid, &self.run_dir);
+            }
+        }
+        if let Some(net) = &self.net {
+            if let Err(e) = crate::net::teardown(net) {
+                tracing::warn!("{e}");
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
@@ -530,6 +560,64 @@ async fn copy_stdin(vm: Arc<Vm>, p: Arc<Proc>, mut close: oneshot::Receiver<()>)
     let _ = blocking(move || vm2.agent.close_stdin(&p2.ctr, p2.eid())).await;
 }
 
+/// The shim's reaper, once a VmPod exists (the server process only).
+static REAPER: std::sync::OnceLock<crate::reaper::Reaper> = std::sync::OnceLock::new();
+
+/// `cmd.output()` that works in the shim server: its reaper collects every child with
+/// `waitpid(-1)`, so a command's own wait may find nothing (ECHILD); then the exit is taken from
+/// the reaper. Blocking (never call it on an async task). Outside the server it is `output()`.
+pub fn output(cmd: &mut std::process::Command) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let Some(reaper) = REAPER.get() else {
+        return cmd.output();
+    };
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    let rx = reaper.subscribe(pid);
+    let err_pipe = child.stderr.take();
+    let errs = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut e) = err_pipe {
+            let _ = e.read_to_end(&mut v);
+        }
+        v
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    let stderr = errs.join().unwrap_or_default();
+    let status = match child.wait() {
+        Ok(st) => {
+            reaper.unsubscribe(pid);
+            st
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+            let exit = rx
+                .blocking_recv()
+                .map_err(|_| std::io::Error::other(format!("exit of pid {pid} lost")))?;
+            if exit.code >= 128 {
+                std::process::ExitStatus::from_raw(exit.code - 128)
+            } else {
+                std::process::ExitStatus::from_raw(exit.code << 8)
+            }
+        }
+        Err(e) => {
+            reaper.unsubscribe(pid);
+            return Err(e);
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd returned is owned below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -600,6 +688,7 @@ impl VmPod {
         match config.vm.hypervisor {
             HvKind::Qemu => {}
         }
+        let _ = REAPER.set(ctx.reaper.clone());
         Ok(VmPod {
             ctx,
             cfg: config.vm.clone(),
@@ -673,6 +762,8 @@ impl VmPod {
             run_dir: run_dir.clone(),
             vmm_pid: 0,
             containers: vec![],
+            netns: netns_of(spec),
+            net: None,
         };
         save_record(&self.ctx.state, &record)
             .map_err(|e| Error::Other(format!("VM record of pod {pod}: {e}")))?;
@@ -707,20 +798,41 @@ impl VmPod {
         let call_timeout = Duration::from_secs(cfg.call_timeout_s);
         let state = self.ctx.state.clone();
         let pod_id = pod.to_string();
+        let net_slot: Arc<Mutex<Option<crate::net::PodNetwork>>> = Arc::new(Mutex::new(None));
+        let net_made = net_slot.clone();
         let booted = blocking(move || -> Result<(Box<dyn RunningVm>, AgentClient)> {
+            let mut vmcfg = vmcfg;
+            let mut rec = record;
             std::fs::create_dir_all(&run_dir)
                 .map_err(|e| Error::Other(format!("mkdir {}: {e}", run_dir.display())))?;
             let started = Instant::now();
+            if let Some(ns) = rec.netns.clone() {
+                let net = crate::net::setup(&ns)
+                    .map_err(|e| Error::Other(format!("network of pod {pod_id}: {e}")))?;
+                rec.net = Some(net.clone());
+                if let Err(e) = save_record(&state, &rec) {
+                    tracing::warn!("save VM record: {e}");
+                }
+                vmcfg.nics = net.nics();
+                vmcfg.netns = Some(ns);
+                *net_made.lock().expect("net poisoned") = Some(net);
+            }
             let mut running = Qemu::new(qemu)
                 .start(&vmcfg)
                 .map_err(|e| Error::Other(format!("VM of pod {pod_id}: {e}")))?;
-            let mut rec = record;
             rec.vmm_pid = running.pid();
             if let Err(e) = save_record(&state, &rec) {
                 tracing::warn!("save VM record: {e}");
             }
+            let net = net_made.lock().expect("net poisoned").clone();
             let answer = AgentClient::connect(&socket, call_timeout).and_then(|c| {
                 let v = c.version_within(boot_timeout)?;
+                // lo up always; the pod's interfaces, addresses and routes when it has a netns
+                let (ifs, routes) = net
+                    .as_ref()
+                    .map(|n| (n.agent_interfaces(), n.agent_routes()))
+                    .unwrap_or_default();
+                c.configure_network(&ifs, &routes)?;
                 Ok((c, v))
             });
             match answer {
@@ -748,15 +860,22 @@ impl VmPod {
         let (running, client) = match booted {
             Ok(b) => b,
             Err(e) => {
-                if let Some(r) = self.record.lock().expect("record poisoned").clone() {
-                    remove_recorded(&r);
+                let rec = self.record.lock().expect("record poisoned").clone();
+                if let Some(mut r) = rec {
+                    r.net = net_slot.lock().expect("net poisoned").clone();
+                    let _ = blocking(move || remove_recorded(&r)).await;
                 }
                 self.drop_record();
                 return Err(e);
             }
         };
         let pid = running.pid();
-        self.update_record(|r| r.vmm_pid = pid);
+        let net = net_slot.lock().expect("net poisoned").clone();
+        let n2 = net.clone();
+        self.update_record(|r| {
+            r.vmm_pid = pid;
+            r.net = n2;
+        });
         let vm = Arc::new(Vm {
             agent: Arc::new(client),
             running: Mutex::new(Some(running)),
@@ -770,6 +889,7 @@ impl VmPod {
                 .unwrap_or_default(),
             dead: Arc::new(AtomicBool::new(false)),
             disks: Mutex::new(HashMap::new()),
+            net,
         });
         self.watch_vm(&vm);
         *slot = Some(vm.clone());
@@ -1353,6 +1473,8 @@ mod tests {
             run_dir: run_dir.clone(),
             vmm_pid: 0,
             containers: vec!["pod1".into(), "c2".into()],
+            netns: None,
+            net: None,
         };
         save_record(&state, &r).unwrap();
         let path = record_path(&state, "pod1");
