@@ -116,10 +116,54 @@ fn prefault(cfg: &MemoryConfig, addr: *mut u8, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// sysfs directory of the hugepage pool a hugetlb backing draws from.
+fn hugepage_pool(backing: MemoryBacking) -> Option<&'static str> {
+    match backing {
+        MemoryBacking::Hugetlb2M => Some("/sys/kernel/mm/hugepages/hugepages-2048kB"),
+        MemoryBacking::Hugetlb1G => Some("/sys/kernel/mm/hugepages/hugepages-1048576kB"),
+        _ => None,
+    }
+}
+
+/// Refuses a hugetlb backing whose pool has fewer unreserved free pages than the guest needs,
+/// naming the pool and its counts (otherwise the failure is a bare EFAULT at prefault, or a
+/// SIGBUS when the guest first touches the memory).
+fn check_hugepage_pool(cfg: &MemoryConfig) -> Result<()> {
+    let Some(pool) = hugepage_pool(cfg.backing) else {
+        return Ok(());
+    };
+    let count = |f: &str| -> Result<u64> {
+        let p = format!("{pool}/{f}");
+        std::fs::read_to_string(&p)
+            .map_err(|e| mem_err(cfg, format!("{p}: {e}")))?
+            .trim()
+            .parse()
+            .map_err(|e| mem_err(cfg, format!("{p}: {e}")))
+    };
+    let (nr, free, resv) = (
+        count("nr_hugepages")?,
+        count("free_hugepages")?,
+        count("resv_hugepages")?,
+    );
+    let need = (cfg.size_mib << 20).div_ceil(cfg.backing.page_size());
+    let avail = free.saturating_sub(resv);
+    if avail < need {
+        return Err(mem_err(
+            cfg,
+            format!(
+                "needs {need} free hugepages, {pool} has {avail} \
+                 (nr_hugepages {nr}, free_hugepages {free}, resv_hugepages {resv})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Maps guest memory as configured: binds it to the NUMA nodes before any page is touched, then
 /// prefaults it if asked.
 pub fn build(cfg: &MemoryConfig) -> Result<GuestRam> {
     let size = cfg.size_mib << 20;
+    check_hugepage_pool(cfg)?;
     let file = match cfg.backing {
         MemoryBacking::Anon => None,
         _ => Some(memfd(cfg)?),
