@@ -284,3 +284,68 @@ fn vsock_socket_lives_and_dies_with_the_vm() {
     let mut vm = backend(&dir.0).start(&cfg).unwrap();
     vm.stop().unwrap();
 }
+
+#[test]
+fn vm_pod_config_fields_agent_refused_and_netns_joined() {
+    let dir = TempDir::new("proc-podcfg");
+    let hv = backend(&dir.0);
+    // The agent over a virtio-serial port: the microvm has none; refused naming it, nothing left.
+    let mut cfg = config(&dir.0, HI_THEN_HALT, common::one_vcpu());
+    cfg.agent = Some(tandem_vmm::config::AgentChannel::SerialPort {
+        socket: dir.0.join("agent.sock"),
+    });
+    let e = hv.start(&cfg).err().unwrap().to_string();
+    assert!(
+        e.contains("agent channel serial_port") && e.contains("not supported by the microvm"),
+        "{e}"
+    );
+    assert!(std::fs::read_dir(dir.0.join("run"))
+        .unwrap()
+        .next()
+        .is_none());
+    // A missing network namespace is named.
+    let mut cfg = config(&dir.0, HI_THEN_HALT, common::one_vcpu());
+    cfg.netns = Some("/run/netns/tandem-no-such-ns".into());
+    let e = hv.start(&cfg).err().unwrap().to_string();
+    assert!(e.contains("/run/netns/tandem-no-such-ns"), "{e}");
+
+    // The VMM joins the given namespace before it opens its taps: a thread's private one here.
+    let (tx, rx) = std::sync::mpsc::channel::<std::path::PathBuf>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        // SAFETY: affects only this thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        // SAFETY: no arguments.
+        let tid = unsafe { libc::gettid() };
+        tx.send(format!("/proc/{}/task/{tid}/ns/net", std::process::id()).into())
+            .unwrap();
+        let _ = done_rx.recv();
+    });
+    let ns = rx.recv().unwrap();
+    let mut cfg = config(&dir.0, HI_THEN_HALT, common::one_vcpu());
+    cfg.netns = Some(ns.clone());
+    cfg.nics.push(NicConfig {
+        tap: "tndns0".into(),
+        mac: [2, 0, 0, 0, 0, 9],
+    });
+    let mut vm = hv.start(&cfg).unwrap();
+    let ino = |p: &str| std::fs::metadata(p).unwrap().ino();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        ino(&format!("/proc/{}/ns/net", vm.pid())),
+        ino(ns.to_str().unwrap())
+    );
+    assert_ne!(ino("/proc/self/ns/net"), ino(ns.to_str().unwrap()));
+    // The tap is in that namespace, not in the test's.
+    let c = std::ffi::CString::new("tndns0").unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::if_nametoindex(c.as_ptr()) }, 0);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/net/dev", vm.pid()))
+            .unwrap()
+            .contains("tndns0:")
+    );
+    vm.stop().unwrap();
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+}
