@@ -410,27 +410,79 @@ fn cri_pod_with_two_containers_in_one_vm() {
         .map(|n| n.ip.clone())
         .unwrap_or_default();
     assert!(ip.starts_with("198.19."), "pod IP {ip:?}");
-    wait_for(
-        "the pod IP answers ping from the host",
-        Duration::from_secs(20),
-        || {
-            Command::new("ping")
-                .args(["-c", "1", "-W", "1", &ip])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        },
-    );
     let r = env
         .cri
-        .exec_sync(&client, &["ip", "-o", "-4", "addr", "show", "eth0"])
+        .exec_sync(&client, &["sh", "-c", "ip -o addr; ip route"])
         .expect("ExecSync ip");
+    let guest_net = String::from_utf8_lossy(&r.stdout).into_owned();
     assert!(
-        String::from_utf8_lossy(&r.stdout).contains(&format!("{ip}/")),
-        "eth0 in the guest holds the pod IP: {}",
-        String::from_utf8_lossy(&r.stdout)
+        guest_net.contains(&format!("eth0    inet {ip}/"))
+            || guest_net.contains(&format!("inet {ip}/")),
+        "eth0 in the guest holds the pod IP {ip}: {guest_net}"
     );
+    let ping = || {
+        // busybox-static's ping (iputils-ping is not installed everywhere)
+        Command::new("busybox")
+            .args(["ping", "-c", "1", "-W", "1", &ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ping() {
+        if Instant::now() > deadline {
+            let netns: Vec<String> = std::fs::read_dir("/var/run/netns")
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut host = String::new();
+            for n in &netns {
+                for args in [
+                    vec!["netns", "exec", n, "ip", "-o", "link"],
+                    vec![
+                        "netns", "exec", n, "tc", "-s", "filter", "show", "dev", "eth0", "ingress",
+                    ],
+                ] {
+                    let o = Command::new("ip").args(&args).output().unwrap();
+                    host.push_str(&String::from_utf8_lossy(&o.stdout));
+                }
+            }
+            for args in [
+                vec!["route", "get", ip.as_str()],
+                vec!["neigh", "show", ip.as_str()],
+                vec!["-s", "link", "show", env.net.bridge.as_str()],
+                vec!["-o", "link", "show", "master", env.net.bridge.as_str()],
+            ] {
+                let o = Command::new("ip").args(&args).output().unwrap();
+                host.push_str(&String::from_utf8_lossy(&o.stdout));
+                host.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+            for n in &netns {
+                let o = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        n,
+                        "tc",
+                        "-s",
+                        "filter",
+                        "show",
+                        "dev",
+                        "tap0_eth0",
+                        "ingress",
+                    ])
+                    .output()
+                    .unwrap();
+                host.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+            panic!("the pod IP {ip} does not answer ping from the host\nguest: {guest_net}\nhost netns: {host}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let st = env.cri.container_stats(&client).expect("ContainerStats");
     let mem = st
         .memory
