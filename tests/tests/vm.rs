@@ -519,14 +519,7 @@ fn meminfo(key: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(key)?
-                .trim()
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("{key} in /proc/meminfo"))
 }
 

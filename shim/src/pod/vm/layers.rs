@@ -190,7 +190,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let upper = d.path().join("u");
         std::fs::create_dir(&upper).unwrap();
-        let lower = format!("lowerdir=/s/3/fs:/s/1/fs");
+        let lower = "lowerdir=/s/3/fs:/s/1/fs".to_string();
         let o = mr(
             "overlay",
             "overlay",
@@ -202,7 +202,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            plan(&[o.clone()], d.path(), "rootfs").unwrap(),
+            plan(std::slice::from_ref(&o), d.path(), "rootfs").unwrap(),
             vec![
                 Layer::Committed("/s/3/fs".into()),
                 Layer::Committed("/s/1/fs".into())

@@ -990,9 +990,9 @@ impl VmPod {
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", cfg_path.display())))?;
         let host_spec: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", cfg_path.display())))?;
-        if !host_spec["process"]["args"]
+        if host_spec["process"]["args"]
             .as_array()
-            .is_some_and(|a| !a.is_empty())
+            .is_none_or(|a| a.is_empty())
         {
             return Err(Error::InvalidArgument(format!(
                 "container {id}: process.args is empty"
