@@ -355,6 +355,14 @@ mod tests {
     }
 
     #[test]
+    fn deploy_vm_config_parses() {
+        let text = include_str!("../../deploy/tandem-vm.toml");
+        let c = Config::parse(text, Path::new("deploy/tandem-vm.toml")).unwrap();
+        assert_eq!(c.mode, Mode::Vm);
+        assert_eq!(c.vm, VmSection::default());
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let e = Config::parse("mode = \"container\"\nfoo = 1\n", Path::new("t.toml"))
             .unwrap_err()
