@@ -276,8 +276,9 @@ fn prepare_idmaps(spec: &Spec, rootfs_path: &Path) -> R<rootfs::Idmapped> {
         container_ns = Some(fd);
         Ok(dup)
     };
-    let new_userns = user.as_ref().is_some_and(|u| u.path().is_none());
-    if new_userns && !uid.is_empty() && !gid.is_empty() {
+    // a new user namespace, or one joined by path whose mapping the spec states (a pod's
+    // containers joining the sandbox's): the container's root needs the image as its own
+    if user.is_some() && !uid.is_empty() && !gid.is_empty() {
         let meta = fs::metadata(rootfs_path)
             .map_err(|e| format!("root.path {}: {e}", rootfs_path.display()))?;
         // an image already owned by the mapped root (a chown'ed copy) is used as it is

@@ -157,6 +157,8 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
         }
         state.remove(&flags.id)?;
     }
+    // the pod's user namespace range, when this container held it
+    crate::userns::release_after_dead_shim(&flags.namespace, &flags.id);
     // the dead shim's socket (unless a live shim of the pod still serves on it)
     if let Ok(address) = std::fs::read_to_string(bundle_dir(flags)?.join("address")) {
         let address = address.trim();
@@ -251,6 +253,7 @@ async fn serve_async(flags: Flags) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = PodContext {
         state: StateDir::new(Path::new(ROOT), &flags.namespace),
+        namespace: flags.namespace.clone(),
         reaper,
         events: ev_tx,
     };

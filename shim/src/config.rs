@@ -68,6 +68,9 @@ pub struct Config {
     pub mode: Mode,
     #[serde(default)]
     pub annotations: Annotations,
+    /// `[userns]`: user namespaces per pod (docs/userns.md).
+    #[serde(default)]
+    pub userns: Userns,
     /// `[vm]`: how VM-mode pods are booted (read only with `mode = "vm"`).
     #[serde(default)]
     pub vm: VmSection,
@@ -210,6 +213,64 @@ impl Default for VmSection {
     }
 }
 
+/// `[userns] mode`: whether pods get their own user namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsernsMode {
+    /// Containers run in the host user namespace unless their spec asks for one.
+    #[default]
+    Off,
+    /// Every pod gets a user namespace with its own 65536 host UIDs and GIDs from the pool.
+    Pod,
+}
+
+/// `[userns]`: user namespaces per pod and the host ID pool their ranges come from. The pool
+/// is checked at load: size a positive multiple of 65536, no ID past 4294967294, no ID below
+/// 65536 (host users) unless `allow_host_ids`, no overlap with /etc/subuid or /etc/subgid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Userns {
+    #[serde(default)]
+    pub mode: UsernsMode,
+    /// First host ID of the pool.
+    #[serde(default = "default_pool_start")]
+    pub pool_start: u32,
+    /// IDs in the pool: a multiple of 65536 (one range per pod).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Let the pool start below 65536.
+    #[serde(default)]
+    pub allow_host_ids: bool,
+}
+
+fn default_pool_start() -> u32 {
+    crate::idmap::PoolConfig::default().start
+}
+fn default_pool_size() -> u32 {
+    crate::idmap::PoolConfig::default().size
+}
+
+impl Default for Userns {
+    fn default() -> Self {
+        Userns {
+            mode: UsernsMode::Off,
+            pool_start: default_pool_start(),
+            pool_size: default_pool_size(),
+            allow_host_ids: false,
+        }
+    }
+}
+
+impl Userns {
+    pub fn pool(&self) -> crate::idmap::PoolConfig {
+        crate::idmap::PoolConfig {
+            start: self.pool_start,
+            size: self.pool_size,
+            allow_host_ids: self.allow_host_ids,
+        }
+    }
+}
+
 fn default_mode() -> Mode {
     Mode::Container
 }
@@ -219,6 +280,7 @@ impl Default for Config {
         Config {
             mode: default_mode(),
             annotations: Annotations::default(),
+            userns: Userns::default(),
             vm: VmSection::default(),
             source: None,
         }
@@ -237,6 +299,10 @@ impl Config {
                         format!(" (line {line})")
                     })
                     .unwrap_or_default(),
+        })?;
+        crate::userns::validate_pool(&c.userns.pool()).map_err(|msg| Error::Parse {
+            path: path.to_path_buf(),
+            msg,
         })?;
         c.source = Some(path.to_path_buf());
         Ok(c)
@@ -352,6 +418,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("kernal"), "{e}");
+    }
+
+    #[test]
+    fn userns_section() {
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.userns.mode, UsernsMode::Off);
+        assert_eq!(c.userns.pool(), crate::idmap::PoolConfig::default());
+        let c = Config::parse(
+            "[userns]\nmode = \"pod\"\npool_start = 1000000\npool_size = 131072\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.userns.mode, UsernsMode::Pod);
+        assert_eq!(c.userns.pool().ranges(), 2);
+        for (bad, want) in [
+            ("pool_size = 1000\n", "multiple of 65536"),
+            ("pool_start = 0\n", "below 65536"),
+            ("pool_start = 4294000000\n", "exceeds"),
+            ("mode = \"host\"\n", "host"),
+            ("pool = 1\n", "pool"),
+        ] {
+            let e = Config::parse(&format!("[userns]\n{bad}"), Path::new("/x/t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("/x/t.toml") && e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

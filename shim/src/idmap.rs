@@ -305,6 +305,7 @@ impl IdAllocator {
     }
 
     /// The range `pod_id` holds, if any.
+    #[cfg_attr(not(test), allow(dead_code))] // used by tests
     pub fn get(&self, pod_id: &str) -> Result<Option<IdRange>> {
         self.locked(|st| Ok((st.allocations.get(pod_id).copied(), false)))
     }
@@ -318,6 +319,7 @@ impl IdAllocator {
     }
 
     /// All allocations (pod id -> range).
+    #[cfg_attr(not(test), allow(dead_code))] // used by tests
     pub fn allocations(&self) -> Result<BTreeMap<String, IdRange>> {
         self.locked(|st| Ok((st.allocations.clone(), false)))
     }

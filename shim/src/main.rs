@@ -3,10 +3,7 @@
 mod bootstrap;
 mod config;
 mod events;
-// The host ID-range allocator for pods in user namespaces (issue 4). Its Create-path wiring
-// (config `[userns]`, mappings into the pod's specs, release at pod removal) is the next step;
-// until then only its own tests use it.
-#[cfg_attr(not(test), allow(dead_code))]
+// The host ID-range allocator for pods in user namespaces (issue 4); `userns` is its policy.
 mod idmap;
 mod io;
 // VM pods' networking (tap + tc mirror of the pod netns); used by the VmPod.
@@ -19,6 +16,7 @@ mod service;
 mod state;
 mod stats;
 mod update;
+mod userns;
 
 fn main() {
     // The engine re-executes this binary as a container's init: nothing may run before this.

@@ -44,6 +44,8 @@ pub struct ContainerSpec {
     pub cpuset_cpus: String,
     pub memory_limit: i64,
     pub annotations: HashMap<String, String>,
+    /// Capabilities added to the runtime's default set (e.g. "NET_ADMIN").
+    pub add_capabilities: Vec<String>,
 }
 
 impl Cri {
@@ -203,6 +205,10 @@ impl Cri {
                         network: NamespaceMode::Pod as i32,
                         pid: NamespaceMode::Container as i32,
                         ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    capabilities: (!spec.add_capabilities.is_empty()).then(|| Capability {
+                        add_capabilities: spec.add_capabilities.clone(),
                         ..Default::default()
                     }),
                     ..Default::default()

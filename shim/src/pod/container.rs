@@ -18,10 +18,13 @@ use super::{
     CreateOpts, Error, ExecOpts, ExitInfo, PidInfo, Pod, PodContext, PodEvent, ProcessState,
     Result, Status,
 };
+use crate::config::{Userns as UsernsConfig, UsernsMode};
+use crate::idmap::{IdAllocator, IdRange};
 use crate::io::{self, ProcessIo, StdioPaths};
 use crate::reaper::Exit;
 use crate::rootfs;
 use crate::state::Record;
+use crate::userns;
 
 /// How long an exit waits for the terminal output to be copied out.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
@@ -139,10 +142,34 @@ pub struct ContainerPod {
     ctx: PodContext,
     containers: Mutex<HashMap<String, Arc<Ctr>>>,
     creating: Mutex<HashSet<String>>,
+    userns_cfg: UsernsConfig,
+    /// The pod's user namespace range when the shim gave it one.
+    userns: Mutex<Option<PodUserns>>,
+}
+
+/// The user namespace the shim gave the pod: `owner` (the sandbox, or the only container of a
+/// plain `ctr run` pod) holds the range `range` under the allocator key `key`.
+#[derive(Debug, Clone)]
+struct PodUserns {
+    key: String,
+    owner: String,
+    range: IdRange,
+}
+
+/// What `prepare_userns` did to a container's spec.
+#[derive(Debug)]
+enum UsernsPrep {
+    /// Nothing (policy off, mappings given, or not a pod of ours).
+    Nothing,
+    /// A new user namespace with a freshly allocated range; `old_netns` is the network
+    /// namespace CRI made (in the host user namespace) that the container no longer joins.
+    Allocated { old_netns: Option<String> },
+    /// Joins the sandbox's user namespace.
+    Joined,
 }
 
 impl ContainerPod {
-    pub fn new(ctx: PodContext) -> Result<ContainerPod> {
+    pub fn new(ctx: PodContext, userns_cfg: UsernsConfig) -> Result<ContainerPod> {
         let exe = std::env::current_exe()
             .map_err(|e| Error::Other(format!("current executable: {e}")))?;
         let engine = Engine::new(EngineConfig::new(ctx.state.engine_root(), exe));
@@ -151,7 +178,112 @@ impl ContainerPod {
             ctx,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            userns_cfg,
+            userns: Mutex::new(None),
         })
+    }
+
+    /// Give the container its user namespace per the `[userns]` policy, rewriting the bundle's
+    /// config.json. The pod's range is allocated (on disk, under the allocator's lock) before
+    /// anything else is made for the pod.
+    async fn prepare_userns(&self, id: &str, bundle: &std::path::Path) -> Result<UsernsPrep> {
+        if self.userns_cfg.mode == UsernsMode::Off {
+            return Ok(UsernsPrep::Nothing);
+        }
+        // a missing or malformed config.json is the engine's to report
+        let Ok(mut spec) = userns::read_spec(bundle) else {
+            return Ok(UsernsPrep::Nothing);
+        };
+        if userns::spec_userns(&spec) == userns::SpecUserns::Given {
+            tracing::info!(id, "user namespace as given in the spec");
+            return Ok(UsernsPrep::Nothing);
+        }
+        let raw = serde_json::to_vec(&spec).unwrap_or_default();
+        let pod_id = crate::bootstrap::grouping_id(id, &raw);
+        let bundle = bundle.to_path_buf();
+        if pod_id != id {
+            // a CRI container: into the sandbox's user namespace
+            let owner = self.userns.lock().expect("userns poisoned").clone();
+            let sandbox = self
+                .containers
+                .lock()
+                .expect("containers poisoned")
+                .get(&pod_id)
+                .cloned();
+            let (Some(owner), Some(sandbox)) = (owner, sandbox) else {
+                return Ok(UsernsPrep::Nothing);
+            };
+            if owner.owner != pod_id || sandbox.record.pid <= 0 {
+                return Ok(UsernsPrep::Nothing);
+            }
+            let path = PathBuf::from(format!("/proc/{}/ns/user", sandbox.record.pid));
+            userns::add_join_userns(&mut spec, &path, owner.range)
+                .and_then(|_| userns::open_bundle(&bundle, owner.range.start))
+                .and_then(|_| userns::open_cri_dirs(&spec).map(|_| ()))
+                .and_then(|_| userns::write_spec(&bundle, &spec))
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("container {id}: user namespace: {e}"))
+                })?;
+            tracing::info!(id, pod = pod_id, path = %path.display(), "joins the pod's user namespace");
+            return Ok(UsernsPrep::Joined);
+        }
+        let key = userns::pod_key(&self.ctx.namespace, id);
+        let pool = self.userns_cfg.pool();
+        let k = key.clone();
+        let range = blocking(move || IdAllocator::new(userns::state_dir(), pool)?.allocate(&k))
+            .await?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!("container {id}: user namespace: {e}"))
+            })?;
+        let release = |e: String| {
+            if let Err(re) =
+                IdAllocator::new(userns::state_dir(), pool).and_then(|a| a.release(&key))
+            {
+                tracing::warn!(id, "user namespace range: {re}");
+            }
+            Error::InvalidArgument(format!("container {id}: user namespace: {e}"))
+        };
+        let old_netns = userns::add_new_userns(&mut spec, range).map_err(release)?;
+        userns::open_bundle(&bundle, range.start)
+            .and_then(|_| userns::open_cri_dirs(&spec).map(|_| ()))
+            .and_then(|_| userns::write_spec(&bundle, &spec))
+            .map_err(release)?;
+        tracing::info!(
+            id,
+            host_start = range.start,
+            size = range.size,
+            ?old_netns,
+            "pod user namespace"
+        );
+        *self.userns.lock().expect("userns poisoned") = Some(PodUserns {
+            key,
+            owner: id.to_string(),
+            range,
+        });
+        Ok(UsernsPrep::Allocated { old_netns })
+    }
+
+    /// Give the pod's range back when `id` holds it.
+    async fn release_userns(&self, id: &str) {
+        let held = {
+            let mut g = self.userns.lock().expect("userns poisoned");
+            match &*g {
+                Some(u) if u.owner == id => g.take(),
+                _ => None,
+            }
+        };
+        let Some(u) = held else { return };
+        let pool = self.userns_cfg.pool();
+        let key = u.key.clone();
+        match blocking(move || IdAllocator::new(userns::state_dir(), pool)?.release(&key)).await {
+            Ok(Ok(_)) => tracing::info!(
+                id,
+                host_start = u.range.start,
+                "user namespace range released"
+            ),
+            Ok(Err(e)) => tracing::warn!(id, "user namespace range: {e}"),
+            Err(e) => tracing::warn!(id, "user namespace range: {e}"),
+        }
     }
 
     fn ctr(&self, id: &str) -> Result<Arc<Ctr>> {
@@ -178,6 +310,20 @@ impl ContainerPod {
     }
 
     async fn create_inner(&self, opts: CreateOpts) -> Result<u32> {
+        let id = opts.id.clone();
+        let prep = self.prepare_userns(&id, &opts.bundle).await?;
+        let old_netns = match &prep {
+            UsernsPrep::Allocated { old_netns } => old_netns.clone(),
+            _ => None,
+        };
+        let r = self.create_made(opts, old_netns).await;
+        if r.is_err() {
+            self.release_userns(&id).await;
+        }
+        r
+    }
+
+    async fn create_made(&self, opts: CreateOpts, old_netns: Option<String>) -> Result<u32> {
         let id = opts.id.clone();
         let mut record = Record {
             id: id.clone(),
@@ -244,7 +390,30 @@ impl ContainerPod {
             tracing::warn!("{e}");
         }
         let container = Arc::new(container);
-        let pio = match prepared.attach(spawned.console) {
+        // A CRI sandbox in a new user namespace has a new network namespace too: CNI's
+        // interfaces move over from the one CRI made.
+        let moved = match old_netns {
+            None => Ok(()),
+            Some(old) => {
+                let new = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                let reaper = self.ctx.reaper.clone();
+                let r =
+                    blocking(move || userns::move_links(&reaper, std::path::Path::new(&old), &new))
+                        .await
+                        .and_then(|r| {
+                            r.map_err(|e| Error::Other(format!("container {id}: pod network: {e}")))
+                        });
+                if r.is_ok() {
+                    tracing::info!(id, "CNI interfaces moved into the pod's network namespace");
+                }
+                r
+            }
+        };
+        let pio = match moved.and_then(|_| {
+            prepared
+                .attach(spawned.console)
+                .map_err(|e| Error::Other(format!("container {id}: {e}")))
+        }) {
             Ok(pio) => pio,
             Err(e) => {
                 self.ctx.reaper.unsubscribe(pid);
@@ -253,7 +422,7 @@ impl ContainerPod {
                     tracing::warn!("cleanup of {id}: {de}");
                 }
                 self.undo(&record).await;
-                return Err(Error::Other(format!("container {id}: {e}")));
+                return Err(e);
             }
         };
         let init = Arc::new(Proc::new(None, opts.stdio.clone(), None));
@@ -581,6 +750,8 @@ impl Pod for ContainerPod {
             .lock()
             .expect("containers poisoned")
             .remove(id);
+        // the pod is gone with its owner (the sandbox): its ID range goes back to the pool
+        self.release_userns(id).await;
         Ok(exit)
     }
 

@@ -130,6 +130,8 @@ pub trait Pod: Send + Sync {
 #[derive(Clone)]
 pub struct PodContext {
     pub state: StateDir,
+    /// The containerd namespace the shim serves.
+    pub namespace: String,
     pub reaper: Reaper,
     pub events: mpsc::UnboundedSender<PodEvent>,
 }
@@ -137,7 +139,7 @@ pub struct PodContext {
 /// The pod for a configuration. The only place that looks at the mode.
 pub fn new(config: &Config, ctx: PodContext) -> Result<Arc<dyn Pod>> {
     match config.mode {
-        Mode::Container => Ok(Arc::new(container::ContainerPod::new(ctx)?)),
+        Mode::Container => Ok(Arc::new(container::ContainerPod::new(ctx, config.userns)?)),
         Mode::Vm => Ok(Arc::new(vm::VmPod::new(config, ctx)?)),
     }
 }
