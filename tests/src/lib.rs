@@ -468,7 +468,7 @@ impl Containerd {
         if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
             for l in mi.lines() {
                 let mp = l.split_whitespace().nth(4).unwrap_or("");
-                if mp.contains(id) || (mp.starts_with(&dir) && mp.contains("/rootfs")) {
+                if names_id(mp, id) || (mp.starts_with(&dir) && mp.contains("/rootfs")) {
                     found.push(format!("mount {mp}"));
                 }
             }
@@ -478,7 +478,10 @@ impl Containerd {
             found.push(format!("cgroup {}", c.display()));
         }
         // Processes naming the id (container processes with the id in their args, shims).
-        for (pid, cmd) in processes_matching(id) {
+        for (pid, cmd) in processes_matching(id)
+            .into_iter()
+            .filter(|(_, cmd)| names_id(cmd, id))
+        {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             let state: Vec<&str> = status
                 .lines()
@@ -724,6 +727,20 @@ pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
     v
 }
 
+/// True when `hay` names `id` as a whole: an occurrence not run into by more id characters
+/// (`cycle-1` is not named by `cycle-12`), so one test's ids never count another's leftovers.
+pub fn names_id(hay: &str, id: &str) -> bool {
+    if id.is_empty() {
+        return false;
+    }
+    let is_id_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    hay.match_indices(id).any(|(at, _)| {
+        let before = hay[..at].chars().next_back();
+        let after = hay[at + id.len()..].chars().next();
+        !before.is_some_and(is_id_char) && !after.is_some_and(is_id_char)
+    })
+}
+
 /// Unmounts (lazily, deepest first) every mount point under `dir`.
 pub fn unmount_under(dir: &Path) {
     let d = dir.to_string_lossy().into_owned();
@@ -788,4 +805,18 @@ pub fn run_spec(c: &Containerd, id: &str, spec: &serde_json::Value) -> (i32, Str
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+#[cfg(test)]
+mod names_id_tests {
+    use super::names_id;
+
+    #[test]
+    fn whole_ids_only() {
+        assert!(names_id("shim -id cycle-7-1x start", "cycle-7-1x"));
+        assert!(names_id("/run/x/cycle-7-1x/rootfs", "cycle-7-1x"));
+        assert!(!names_id("shim -id cycle-7-12x start", "cycle-7-1"));
+        assert!(!names_id("shim -id cycle-7-199", "cycle-7-19"));
+        assert!(!names_id("anything", ""));
+    }
 }
