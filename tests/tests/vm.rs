@@ -233,6 +233,24 @@ fn detached_vm_exec_pause_resume_stats_kill() {
     );
     assert!(out.starts_with("from-exec\n"), "{out}");
 
+    // a process killed by a signal: 128 + signal
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e2",
+        &id,
+        "sh",
+        "-c",
+        "kill -9 $$",
+    ]);
+    assert_eq!(
+        exit_code(&o.status),
+        137,
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     c.ctr_ok(&["task", "pause", &id]);
     c.wait_task_status(&id, "PAUSED", Duration::from_secs(5));
     c.ctr_ok(&["task", "resume", &id]);
