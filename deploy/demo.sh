@@ -39,7 +39,7 @@ vm_rc=0
 start=$(date +%s.%N)
 ctrn run --rm --runtime io.containerd.tandem.v2 --runtime-config-path "$vm_cfg" \
     "$BUSYBOX_REF" "$vm_id" "${vm_cmd[@]}" || vm_rc=$?
-echo "== exit code $vm_rc ($(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo '?') s, VM boot included)"
+echo "== exit code $vm_rc ($(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') s, VM boot included)"
 [[ $rc == 0 ]] && rc=$vm_rc
 
 echo "== stopping containerd"
