@@ -682,3 +682,119 @@ fn leak_ten_vm_pod_cycles() {
         "VM records left: {state:?}"
     );
 }
+
+/// `ctr run -t` of a VM pod on a pty we own with a known window size: the guest container sees a
+/// /dev/pts/N terminal of that size (the agent's pty, pumped to the host), the guest kernel is the
+/// VM's, and a resize of our terminal reaches the guest (ResizePty through the agent).
+#[test]
+fn tty_in_a_vm_has_pts_window_size_and_resize() {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let g = guest();
+    let _slot = vm_slot();
+    let env = Env::start();
+    let id = unique_id("vmtty");
+    let rt = runtime();
+    let ws = nix::pty::Winsize {
+        ws_row: 41,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave: OwnedFd = pty.slave;
+    // ctr sends the initial size right after start: wait (bounded) for it, then for a change.
+    let script =
+        "tty; uname -r; i=0; while [ \"$(stty size 2>/dev/null)\" = '' ] && [ $i -lt 400 ]; \
+                  do sleep 0.05; i=$((i+1)); done; s=$(stty size); echo size=$s; i=0; \
+                  while [ \"$(stty size)\" = \"$s\" ] && [ $i -lt 400 ]; do sleep 0.05; \
+                  i=$((i+1)); done; echo size=$(stty size); exit 5";
+    let mut args = vec!["run", "-t", "--rm", "--runtime", &rt];
+    args.extend(env.args(&[]));
+    args.extend([BUSYBOX, id.as_str(), "sh", "-c", script]);
+    let mut cmd = env.c.ctr_cmd(&args);
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let master = std::fs::File::from(pty.master);
+    let master_fd = master.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = tx.send(String::from_utf8_lossy(&out).into_owned());
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    // Once the first size is printed, resize our terminal (the kernel sends ctr SIGWINCH).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut first_size = None;
+    while let Ok(seen) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if seen.contains("size=") {
+            first_size = Some(started.elapsed());
+            let ws2 = libc::winsize {
+                ws_row: 50,
+                ws_col: 120,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let r = unsafe { libc::ioctl(master_fd.as_raw_fd(), libc::TIOCSWINSZ, &ws2) };
+            assert_eq!(r, 0, "TIOCSWINSZ");
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    drop(master_fd);
+    let out = reader.join().unwrap();
+    eprintln!(
+        "ctr run -t in a VM: first size after {first_size:?}, exit after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        exit_code(&status),
+        5,
+        "ctr run -t output: {out:?}\n{}",
+        env.c.log_tail(30)
+    );
+    let lines: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("/dev/pts/")),
+        "tty did not print /dev/pts/N: {out:?}"
+    );
+    assert!(
+        lines.contains(&g.release.as_str()),
+        "not the guest kernel {}: {out:?}",
+        g.release
+    );
+    assert!(
+        lines.contains(&"size=41 101"),
+        "initial stty size not 41 101: {out:?}"
+    );
+    assert!(
+        lines.contains(&"size=50 120"),
+        "size after resize not 50 120: {out:?}"
+    );
+    env.c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}

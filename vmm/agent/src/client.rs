@@ -552,6 +552,21 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Set the window size of a process's terminal (FAILED_PRECONDITION when it has none).
+    pub fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let req = proto::ResizePtyRequest {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.call("ResizePty", self.call_timeout, |c, ctx| {
+            c.resize_pty(ctx, &req)
+        })?;
+        Ok(())
+    }
+
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
         let req = proto::ProcessRequest {
             container_id: id.to_string(),

@@ -86,6 +86,13 @@ impl Stream {
         });
     }
 
+    /// Mark the stream as ended with nothing in it (a terminal process has no separate stderr).
+    fn close(&self) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        self.cv.notify_all();
+    }
+
     /// Up to `max` bytes, waiting at most `wait` for some; `(data, eof)`.
     pub fn read(&self, max: usize, wait: Duration) -> (Vec<u8>, bool) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,6 +110,8 @@ impl Stream {
 
 struct Proc {
     pid: i32,
+    /// The pty master of a process with a terminal (for ResizePty).
+    console: Option<File>,
     stdin: Mutex<Option<File>>,
     stdout: Arc<Stream>,
     stderr: Arc<Stream>,
@@ -291,9 +300,68 @@ fn make_stdio(stdin: bool) -> VResult<(Stdio, Option<File>, File, File)> {
     Ok((stdio, stdin_w, out_r, err_r))
 }
 
+/// A process with a terminal: its output is what the pty master reads (stdout; stderr is empty,
+/// at EOF), stdin writes go to the master. A read error (EIO once the last slave closes) is EOF.
+fn new_tty_proc(pid: i32, master: OwnedFd, what: &str) -> VResult<Arc<Proc>> {
+    let master = File::from(master);
+    let dup = |f: &File| {
+        f.try_clone().map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("{what}: dup pty master: {e}"),
+            )
+        })
+    };
+    let (reader, writer) = (dup(&master)?, dup(&master)?);
+    let p = Arc::new(Proc {
+        pid,
+        console: Some(master),
+        stdin: Mutex::new(Some(writer)),
+        stdout: Arc::default(),
+        stderr: Arc::default(),
+        exit: Mutex::new(None),
+    });
+    p.stdout.spawn_reader(reader);
+    p.stderr.close();
+    Ok(p)
+}
+
+/// The process's stdio: a terminal when the engine made one, else the pipes.
+fn proc_for(
+    spawned: tandem_oci::Spawned,
+    stdin: Option<File>,
+    out: File,
+    err: File,
+    what: &str,
+) -> VResult<Arc<Proc>> {
+    match spawned.console {
+        Some(master) => new_tty_proc(spawned.pid, master, what),
+        None => Ok(new_proc(spawned.pid, stdin, out, err)),
+    }
+}
+
+/// Set the window size of a pty master.
+fn set_winsize(master: &File, width: u32, height: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    let ws = libc::winsize {
+        ws_row: clamp(height),
+        ws_col: clamp(width),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, valid for the call.
+    let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn new_proc(pid: i32, stdin: Option<File>, out: File, err: File) -> Arc<Proc> {
     let p = Arc::new(Proc {
         pid,
+        console: None,
         stdin: Mutex::new(stdin),
         stdout: Arc::default(),
         stderr: Arc::default(),
@@ -446,11 +514,9 @@ impl Containers {
                 table.track(s.pid);
                 (c, s)
             };
-            Ok((
-                container,
-                spawned.pid,
-                new_proc(spawned.pid, stdin_w, out_r, err_r),
-            ))
+            let pid = spawned.pid;
+            let init = proc_for(spawned, stdin_w, out_r, err_r, &format!("container {id}"))?;
+            Ok((container, pid, init))
         })();
         match result {
             Ok((container, pid, init)) => {
@@ -513,11 +579,13 @@ impl Containers {
             table.track(s.pid);
             s
         };
+        let pid = spawned.pid;
+        let what = format!("container {id}: exec {exec_id}");
         e.execs.insert(
             exec_id.to_string(),
-            new_proc(spawned.pid, stdin_w, out_r, err_r),
+            proc_for(spawned, stdin_w, out_r, err_r, &what)?,
         );
-        Ok(spawned.pid)
+        Ok(pid)
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> VResult<()> {
@@ -614,6 +682,28 @@ impl Containers {
             )
         })?;
         Ok(data.len())
+    }
+
+    /// Set the window size of the process's terminal.
+    pub fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> VResult<()> {
+        let p = self.proc_of(id, exec_id)?;
+        let what = if exec_id.is_empty() {
+            format!("container {id}")
+        } else {
+            format!("container {id}: exec {exec_id}")
+        };
+        let master = p.console.as_ref().ok_or_else(|| {
+            verr(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("{what}: the process has no terminal"),
+            )
+        })?;
+        set_winsize(master, width, height).map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("{what}: resize pty to {width}x{height}: {e}"),
+            )
+        })
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> VResult<()> {

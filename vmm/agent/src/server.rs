@@ -66,13 +66,6 @@ fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
-fn unimplemented<T>(verb: &str) -> ttrpc::Result<T> {
-    Err(status(
-        Code::UNIMPLEMENTED,
-        format!("{verb}: not implemented by this agent yet"),
-    ))
-}
-
 fn rpc(e: VerbError) -> ttrpc::Error {
     status(e.code, e.msg)
 }
@@ -268,9 +261,12 @@ impl Agent for Service {
     fn resize_pty(
         &self,
         _: &TtrpcContext,
-        _: proto::ResizePtyRequest,
+        req: proto::ResizePtyRequest,
     ) -> ttrpc::Result<proto::Empty> {
-        unimplemented("ResizePty")
+        self.containers
+            .resize_pty(&req.container_id, &req.exec_id, req.width, req.height)
+            .map_err(rpc)?;
+        Ok(proto::Empty::default())
     }
 
     fn stats(

@@ -47,8 +47,20 @@ fn start_agent() -> Agent {
     }
 }
 
+/// The socket file exists from bind(), before listen(): a connect in between is refused, so
+/// retry (bounded) on a loaded machine.
 fn connect(p: &Path) -> AgentClient {
-    AgentClient::connect(p, Duration::from_secs(5)).unwrap()
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match AgentClient::connect(p, Duration::from_secs(5)) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect {}: {e}; retrying", p.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("connect {}: {e}", p.display()),
+        }
+    }
 }
 
 #[test]
@@ -255,4 +267,73 @@ fn unanswered_socket_times_out_with_clear_error() {
         "{err}"
     );
     assert!(err.to_string().contains("silent.sock"), "{err}");
+}
+
+/// A process with a terminal: the engine's pty master is pumped as stdout (stderr is empty),
+/// stdin writes go to the master (the tty echoes them), ResizePty sets the window size the
+/// process sees; a process without a terminal refuses ResizePty naming it.
+#[test]
+fn terminal_exec_output_stdin_and_resize() {
+    use tandem_agent::client::Mount;
+    let agent = start_agent();
+    let c = connect(&agent.socket);
+    let rootfs = agent._dir.path().join("rootfs");
+    for d in ["bin", "proc", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let id = format!("tandem-agent-tty-{}", std::process::id());
+    struct Cleanup<'a>(&'a AgentClient, &'a str);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.signal_process(self.1, "", 9, true);
+            let _ = self.0.wait_process(self.1, "", Duration::from_secs(5));
+            let _ = self.0.remove_container(self.1);
+        }
+    }
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&common::busybox_spec(&["/bin/busybox", "sleep", "600"])).unwrap();
+    spec["mounts"] = serde_json::json!([
+        { "destination": "/proc", "type": "proc", "source": "proc" },
+        { "destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"] },
+        { "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] }
+    ]);
+    let rootfs_m = [Mount {
+        fstype: "bind".into(),
+        source: rootfs.to_str().unwrap().into(),
+        target: "rootfs".into(),
+        options: vec!["rbind".into()],
+    }];
+    c.create_container(&id, &serde_json::to_vec(&spec).unwrap(), &rootfs_m, false)
+        .expect("CreateContainer");
+    let _cleanup = Cleanup(&c, &id);
+    c.start_container(&id).expect("StartContainer");
+    let err = c.resize_pty(&id, "", 80, 24).unwrap_err().to_string();
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("no terminal") && err.contains(&id),
+        "{err}"
+    );
+    let mut p: serde_json::Value = serde_json::from_slice(&common::busybox_process(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox tty; read x; echo got:$x; echo size=$(/bin/busybox stty size); exit 4",
+    ]))
+    .unwrap();
+    p["terminal"] = serde_json::Value::Bool(true);
+    c.exec_process(&id, "t1", &serde_json::to_vec(&p).unwrap(), false)
+        .expect("ExecProcess with a terminal");
+    c.resize_pty(&id, "t1", 100, 30).expect("ResizePty");
+    c.write_stdin(&id, "t1", b"hi\n")
+        .expect("WriteStdin to the pty");
+    let t = Duration::from_secs(20);
+    assert_eq!(c.wait_process(&id, "t1", t).expect("WaitProcess").status, 4);
+    let out = String::from_utf8(common::read_all(&c, &id, "t1", false, t)).unwrap();
+    let lines: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(lines.iter().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
+    assert!(lines.contains(&"hi"), "the tty echoes stdin: {out:?}");
+    assert!(lines.contains(&"got:hi"), "{out:?}");
+    assert!(lines.contains(&"size=30 100"), "{out:?}");
+    assert!(common::read_all(&c, &id, "t1", true, t).is_empty());
 }

@@ -980,11 +980,6 @@ impl VmPod {
 
     async fn create_inner(&self, opts: CreateOpts) -> Result<u32> {
         let id = opts.id.clone();
-        if opts.stdio.terminal {
-            return Err(Error::InvalidArgument(format!(
-                "container {id}: a terminal (ctr run -t) is not supported in VM mode yet"
-            )));
-        }
         let cfg_path = opts.bundle.join("config.json");
         let text = std::fs::read(&cfg_path)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", cfg_path.display())))?;
@@ -1220,10 +1215,11 @@ impl Pod for VmPod {
 
     async fn exec(&self, opts: ExecOpts) -> Result<()> {
         let ctr = self.ctr(&opts.id)?;
-        if opts.stdio.terminal {
+        let terminal = opts.process.terminal().unwrap_or(false);
+        if opts.stdio.terminal != terminal {
             return Err(Error::InvalidArgument(format!(
-                "container {} exec {}: a terminal is not supported in VM mode yet",
-                opts.id, opts.exec_id
+                "container {} exec {}: stdio terminal={} but process.terminal={terminal}",
+                opts.id, opts.exec_id, opts.stdio.terminal
             )));
         }
         if ctr.init.exited().is_some() {
@@ -1427,13 +1423,24 @@ impl Pod for VmPod {
         &self,
         id: &str,
         exec_id: Option<&str>,
-        _width: u32,
-        _height: u32,
+        width: u32,
+        height: u32,
     ) -> Result<()> {
-        self.ctr(id)?.proc(exec_id)?;
-        Err(Error::FailedPrecondition(format!(
-            "container {id}: resize pty: the process has no terminal (not supported in VM mode yet)"
-        )))
+        let p = self.ctr(id)?.proc(exec_id)?;
+        if !p.stdio.terminal {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}{}: resize pty: the process has no terminal",
+                exec_id.map(|e| format!(" exec {e}")).unwrap_or_default()
+            )));
+        }
+        if p.exited().is_some() {
+            return Ok(());
+        }
+        let vm = self.vm().await?;
+        let (cid, eid) = (id.to_string(), p.eid().to_string());
+        blocking(move || vm.agent.resize_pty(&cid, &eid, width, height))
+            .await?
+            .map_err(agent_err)
     }
 
     async fn containers(&self) -> Vec<String> {

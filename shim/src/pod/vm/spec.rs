@@ -17,7 +17,6 @@ fn strip_process(p: &mut Value) {
     if let Some(o) = p.as_object_mut() {
         o.remove("apparmorProfile");
         o.remove("selinuxLabel");
-        o.insert("terminal".into(), Value::Bool(false));
     }
 }
 
@@ -126,6 +125,6 @@ mod tests {
         assert_eq!(g["linux"]["resources"]["memory"]["limit"], 1048576);
         assert!(g["linux"]["resources"].get("hugepageLimits").is_none());
         let p = guest_process(json!({"args": ["ls"], "terminal": true, "apparmorProfile": "x"}));
-        assert_eq!(p, json!({"args": ["ls"], "terminal": false}));
+        assert_eq!(p, json!({"args": ["ls"], "terminal": true}));
     }
 }
