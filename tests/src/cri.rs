@@ -345,6 +345,8 @@ pub struct CriEnv {
     pub net: CniNet,
     /// The tandem config file the `tandem` handler points at.
     pub tandem_config: PathBuf,
+    /// The config file of the `tandem-vm` handler, when the env has one.
+    pub tandem_vm_config: Option<PathBuf>,
 }
 
 /// The CNI bridge and IPAM state of one [`CriEnv`], removed on drop.
@@ -376,6 +378,12 @@ static SUBNET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0)
 impl CriEnv {
     /// `tandem_toml`: contents of the `tandem` handler's config file.
     pub fn start(tandem_toml: &str) -> Result<Self> {
+        Self::start_with_vm(tandem_toml, None)
+    }
+
+    /// As [`CriEnv::start`], and with `vm_toml` a second handler `tandem-vm` (the name
+    /// deploy/containerd/tandem.toml gives it) whose config file has those contents.
+    pub fn start_with_vm(tandem_toml: &str, vm_toml: Option<&str>) -> Result<Self> {
         // A /24 of 198.18.0.0/15 per env: pid and a counter keep parallel tests apart.
         let n = SUBNET.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let third = (std::process::id() as u8)
@@ -412,6 +420,22 @@ impl CriEnv {
         )?;
         let tandem_config = dir.join("tandem.toml");
         std::fs::write(&tandem_config, tandem_toml)?;
+        let mut tandem_vm_config = None;
+        let mut vm_handler = String::new();
+        if let Some(vm_toml) = vm_toml {
+            let path = dir.join("tandem-vm.toml");
+            std::fs::write(&path, vm_toml)?;
+            vm_handler = format!(
+                r#"    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.tandem-vm]
+      runtime_type = "io.containerd.tandem.v2"
+      pod_annotations = ["io.tandem.*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.tandem-vm.options]
+        ConfigPath = "{}"
+"#,
+                path.display()
+            );
+            tandem_vm_config = Some(path);
+        }
         let cri_toml = format!(
             r#"  sandbox_image = "{pause}"
   restrict_oom_score_adj = true
@@ -427,7 +451,7 @@ impl CriEnv {
       pod_annotations = ["io.tandem.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.tandem.options]
         ConfigPath = "{cfg}"
-"#,
+{vm_handler}"#,
             pause = crate::PAUSE,
             cni = cni_dir.display(),
             cfg = tandem_config.display(),
@@ -453,6 +477,7 @@ impl CriEnv {
             containerd,
             net,
             tandem_config,
+            tandem_vm_config,
         })
     }
 }

@@ -342,7 +342,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A CRI pod whose handler config is VM mode: the sandbox and two containers in one VM, one
+/// A CRI pod with the `tandem-vm` handler (VM mode config): the sandbox and two containers in one VM, one
 /// shim, one QEMU; the containers share the guest's network (localhost) and see the guest
 /// kernel; the pod IP answers from the host and is on eth0 in the guest; stats come from the
 /// guest; teardown leaves no QEMU and no shim.
@@ -356,12 +356,16 @@ fn cri_pod_with_two_containers_in_one_vm() {
         .prefix("tandem-layers-")
         .tempdir_in("/tmp")
         .unwrap();
-    let mut env =
-        CriEnv::start(&vm_toml(&g.kernel, &g.initrd, cache.path())).expect("containerd with CRI");
+    // As kubelet would: the `tandem-vm` handler (RuntimeClass) beside a container-mode `tandem`.
+    let mut env = CriEnv::start_with_vm(
+        "mode = \"container\"\n",
+        Some(&vm_toml(&g.kernel, &g.initrd, cache.path())),
+    )
+    .expect("containerd with CRI");
     let name = unique_id("vmpod");
     let spec = PodSpec {
         name: name.clone(),
-        handler: "tandem".into(),
+        handler: "tandem-vm".into(),
         log_dir: env.net.dir().join("logs").join(&name),
         cgroup_parent: format!("/tandemtest-{name}"),
         annotations: HashMap::new(),
