@@ -190,6 +190,8 @@ fn sh(client: &AgentClient, script: &str) -> String {
     let out = client
         .run_command(&GuestCommand {
             argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            // Above the longest wait loop below (20 s): TCG on a loaded host is slow.
+            timeout: Duration::from_secs(30),
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("guest `{script}`: {e}"));
@@ -304,11 +306,15 @@ fn boot_pin_hugetlb_pause_hotplug_attach_stop() {
         .expect("hot-add disk");
     assert_eq!(id, "hd0");
     let find = format!(
-        "for i in $(seq 100); do for d in /sys/block/vd*; do \
+        "for i in $(seq 200); do for d in /sys/block/vd*; do \
          [ \"$(cat $d/serial 2>/dev/null)\" = {id} ] && [ -b /dev/${{d##*/}} ] && \
-         {{ dd if=/dev/${{d##*/}} bs=20 count=1 2>/dev/null; exit 0; }}; done; sleep 0.1; done; exit 1"
+         [ \"$(cat $d/size 2>/dev/null)\" -gt 0 ] && \
+         out=$(dd if=/dev/${{d##*/}} bs=20 count=1 2>/dev/null) && [ -n \"$out\" ] && \
+         {{ echo \"$out\"; exit 0; }}; done; sleep 0.1; done; exit 1"
     );
     let t0 = Instant::now();
+    // A fresh hot-added disk can fail its first reads (ENXIO while the guest sets it up): the
+    // loop retries until the bytes come.
     assert_eq!(sh(&client, &find), "tandem-hotplug-disk\n");
     eprintln!(
         "hot-added disk visible in the guest after {:?}",
