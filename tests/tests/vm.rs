@@ -3,59 +3,20 @@
 //! VM boot costs seconds under TCG, so assertions are grouped into few VMs.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_tests::*;
 
-struct Guest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    release: String,
-}
+use tandem_agent::guest_image::GuestImage as Guest;
 
 /// The guest image (built once per test binary; build.sh caches across runs).
 fn guest() -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
-        let script = workspace_dir().join("vmm/guest/build.sh");
-        let mut cmd = Command::new(&script);
-        // Cargo's per-test environment would make the nested cargo build rebuild the agent.
-        cmd.env_clear();
-        for (k, v) in std::env::vars_os() {
-            let ks = k.to_string_lossy();
-            if matches!(
-                ks.as_ref(),
-                "PATH" | "HOME" | "CARGO_HOME" | "RUSTUP_HOME" | "RUSTUP_TOOLCHAIN" | "TMPDIR"
-            ) || ks.starts_with("TANDEM_")
-            {
-                cmd.env(k, v);
-            }
-        }
-        // the agent's own target dir unless the caller chose one
-        let target = std::env::var_os("TANDEM_AGENT_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_dir().join("target-agent"));
-        cmd.env("CARGO_TARGET_DIR", target);
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run vmm/guest/build.sh");
-        assert!(out.status.success(), "{} failed", script.display());
-        let text = String::from_utf8(out.stdout).unwrap();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("build.sh printed no {k}=: {text}"))
-                .to_string()
-        };
-        Guest {
-            kernel: get("KERNEL").into(),
-            initrd: get("INITRD").into(),
-            release: get("KERNEL_RELEASE"),
-        }
+        tandem_agent::guest_image::build(&workspace_dir(), false).unwrap_or_else(|e| panic!("{e}"))
     })
 }
 

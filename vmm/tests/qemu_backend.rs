@@ -2,7 +2,7 @@
 //! from vmm/guest/build.sh. Runs as root (hugepages, pinning).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,11 +23,7 @@ fn slot() -> std::sync::MutexGuard<'static, ()> {
     SLOT.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct Guest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    release: String,
-}
+use tandem_agent::guest_image::GuestImage as Guest;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,46 +34,7 @@ fn repo_root() -> PathBuf {
 
 /// The guest image (built or reused from the cache by vmm/guest/build.sh).
 fn guest() -> Guest {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let script = repo_root().join("vmm/guest/build.sh");
-    let mut cmd = Command::new(&script);
-    // Only what the nested cargo build needs (cargo's per-test variables would force a rebuild).
-    cmd.env_clear();
-    for (k, v) in std::env::vars_os() {
-        let ks = k.to_string_lossy();
-        if matches!(
-            ks.as_ref(),
-            "PATH" | "HOME" | "CARGO_HOME" | "RUSTUP_HOME" | "RUSTUP_TOOLCHAIN" | "TMPDIR"
-        ) || ks.starts_with("TANDEM_")
-        {
-            cmd.env(k, v);
-        }
-    }
-    // The agent's own target dir (static build), not the one of this test.
-    cmd.env(
-        "CARGO_TARGET_DIR",
-        std::env::var_os("TANDEM_AGENT_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target-agent")),
-    );
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run vmm/guest/build.sh");
-    assert!(out.status.success(), "build.sh: {:?}", out.status);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("build.sh printed no {k}=: {text}"))
-            .to_string()
-    };
-    Guest {
-        kernel: get("KERNEL").into(),
-        initrd: get("INITRD").into(),
-        release: get("KERNEL_RELEASE"),
-    }
+    tandem_agent::guest_image::build(&repo_root(), false).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn vm_config(g: &Guest, dir: &Path, vcpus: usize) -> VmConfig {

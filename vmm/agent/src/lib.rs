@@ -15,6 +15,7 @@ pub mod client;
 pub mod command;
 pub mod containers;
 pub mod guest;
+pub mod guest_image;
 pub mod modules;
 pub mod network;
 pub mod port;

@@ -8,52 +8,14 @@ use tandem_agent::client::{AgentClient, Command as GuestCommand};
 use tandem_vmm::qemu::{Qemu, QemuConfig};
 use tandem_vmm::{AgentChannel, Hypervisor, MemoryConfig, VcpuConfig, VmConfig};
 
-struct Guest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
+use tandem_agent::guest_image::GuestImage as Guest;
 
 fn guest() -> Guest {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
         .unwrap();
-    let mut cmd = Command::new(root.join("vmm/guest/build.sh"));
-    // Only what the nested cargo build needs (cargo's per-test variables would force a rebuild).
-    cmd.env_clear();
-    for (k, v) in std::env::vars_os() {
-        let ks = k.to_string_lossy();
-        if matches!(
-            ks.as_ref(),
-            "PATH" | "HOME" | "CARGO_HOME" | "RUSTUP_HOME" | "RUSTUP_TOOLCHAIN" | "TMPDIR"
-        ) || ks.starts_with("TANDEM_")
-        {
-            cmd.env(k, v);
-        }
-    }
-    cmd.env(
-        "CARGO_TARGET_DIR",
-        std::env::var_os("TANDEM_AGENT_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target-agent")),
-    );
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run vmm/guest/build.sh");
-    assert!(out.status.success(), "build.sh: {:?}", out.status);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let get = |k: &str| {
-        PathBuf::from(
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("build.sh printed no {k}=: {text}")),
-        )
-    };
-    Guest {
-        kernel: get("KERNEL"),
-        initrd: get("INITRD"),
-    }
+    tandem_agent::guest_image::build(&root, false).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn guest_sh(client: &AgentClient, script: &str) -> (Option<i32>, String) {

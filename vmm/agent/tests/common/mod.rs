@@ -7,12 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
-pub struct Guest {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub release: String,
-}
+pub use tandem_agent::guest_image::GuestImage as Guest;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,59 +18,7 @@ fn repo_root() -> PathBuf {
 
 /// Build (or reuse the cache of) the guest image; `no_agent` builds the variant without agent.
 pub fn guest(no_agent: bool) -> Guest {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let script = repo_root().join("vmm/guest/build.sh");
-    let mut cmd = Command::new(&script);
-    // Cargo's per-test environment (CARGO_PKG_*, CARGO_MANIFEST_DIR, …) would make the nested
-    // cargo build see a changed environment and rebuild the agent: pass only what it needs.
-    cmd.env_clear();
-    for (k, v) in std::env::vars_os() {
-        let k_str = k.to_string_lossy();
-        let keep = matches!(
-            k_str.as_ref(),
-            "PATH"
-                | "HOME"
-                | "CARGO_HOME"
-                | "RUSTUP_HOME"
-                | "RUSTUP_TOOLCHAIN"
-                | "CARGO_TARGET_DIR"
-                | "TMPDIR"
-        ) || k_str.starts_with("TANDEM_")
-            || k_str.starts_with("http")
-            || k_str.starts_with("HTTP");
-        if keep {
-            cmd.env(k, v);
-        }
-    }
-    if no_agent {
-        cmd.env("TANDEM_GUEST_NO_AGENT", "1");
-    }
-    if std::env::var_os("CARGO_TARGET_DIR").is_none() {
-        cmd.env("CARGO_TARGET_DIR", repo_root().join("target-agent"));
-    }
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run vmm/guest/build.sh");
-    assert!(
-        out.status.success(),
-        "{} failed: {:?}",
-        script.display(),
-        out.status
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("build.sh printed no {k}=: {text}"))
-            .to_string()
-    };
-    Guest {
-        kernel: get("KERNEL").into(),
-        initrd: get("INITRD").into(),
-        release: get("KERNEL_RELEASE"),
-    }
+    tandem_agent::guest_image::build(&repo_root(), no_agent).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One QEMU run at a time: TCG is CPU-heavy and the machine small.
