@@ -350,6 +350,17 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
+/// A file for [`AgentClient::create_container_with_files`]: written by the agent at
+/// `<bundle>/files/<path>` before the container is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct File {
+    /// Relative to `<bundle>/files`, no `..`.
+    pub path: String,
+    pub content: Vec<u8>,
+    /// Permission bits (& 0o7777).
+    pub mode: u32,
+}
+
 /// How a process ended, from WaitProcess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessExit {
@@ -401,7 +412,43 @@ impl AgentClient {
         rootfs: &[Mount],
         stdin: bool,
     ) -> Result<i32> {
+        self.create_container_with_files(id, spec_json, rootfs, &[], stdin)
+    }
+
+    /// [`AgentClient::create_container`] with `files` the agent writes under `<bundle>/files`
+    /// first. The limits (count, per file, total, paths) are checked here before anything is
+    /// sent, with the agent's own check ([`crate::containers::validate_files`]).
+    pub fn create_container_with_files(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[Mount],
+        files: &[File],
+        stdin: bool,
+    ) -> Result<i32> {
+        let reqs: Vec<crate::containers::FileReq> = files
+            .iter()
+            .map(|f| crate::containers::FileReq {
+                path: f.path.clone(),
+                content: f.content.clone(),
+                mode: f.mode,
+            })
+            .collect();
+        crate::containers::validate_files(&reqs).map_err(|e| Error::Rpc {
+            path: self.path.clone(),
+            call: "CreateContainer",
+            msg: format!("container {id}: not sent: {}", e.msg),
+        })?;
         let req = proto::CreateContainerRequest {
+            files: reqs
+                .into_iter()
+                .map(|f| proto::File {
+                    path: f.path,
+                    content: f.content,
+                    mode: f.mode,
+                    ..Default::default()
+                })
+                .collect(),
             container_id: id.to_string(),
             oci_spec_json: spec_json.to_vec(),
             rootfs: rootfs
@@ -611,6 +658,31 @@ impl AgentClient {
         };
         self.call("ResumeContainer", self.call_timeout, |c, ctx| {
             c.resume_container(ctx, &req)
+        })?;
+        Ok(())
+    }
+
+    /// Apply new resources (OCI `LinuxResources` as JSON) to the container's guest cgroup. At
+    /// most [`crate::containers::MAX_RESOURCES_JSON`] bytes, checked before sending.
+    pub fn update_container(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let max = crate::containers::MAX_RESOURCES_JSON;
+        if resources_json.len() > max {
+            return Err(Error::Rpc {
+                path: self.path.clone(),
+                call: "UpdateContainer",
+                msg: format!(
+                    "container {id}: not sent: resources JSON of {} bytes, more than {max}",
+                    resources_json.len()
+                ),
+            });
+        }
+        let req = proto::UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json: resources_json.to_vec(),
+            ..Default::default()
+        };
+        self.call("UpdateContainer", self.call_timeout, |c, ctx| {
+            c.update_container(ctx, &req)
         })?;
         Ok(())
     }

@@ -24,6 +24,16 @@ use crate::reaper::{Exit, Reaper};
 pub const STREAM_BUFFER: usize = 1024 * 1024;
 /// Largest single read the host may ask for.
 pub const MAX_READ: usize = 1024 * 1024;
+/// Largest file of a CreateContainer request (`files`).
+pub const MAX_FILE_BYTES: usize = 64 * 1024;
+/// Largest sum of the files of one CreateContainer request.
+pub const MAX_FILES_TOTAL_BYTES: usize = 256 * 1024;
+/// Most files in one CreateContainer request.
+pub const MAX_FILES: usize = 64;
+/// Largest resources JSON of an UpdateContainer request.
+pub const MAX_RESOURCES_JSON: usize = 64 * 1024;
+/// Directory of a bundle where the files of CreateContainer are written.
+pub const FILES_DIR: &str = "files";
 
 /// An error for the RPC status: a code and a message naming the thing.
 #[derive(Debug)]
@@ -133,6 +143,93 @@ pub struct MountReq {
     pub source: String,
     pub target: String,
     pub options: Vec<String>,
+}
+
+/// A file the host asks to be written at `<bundle>/files/<path>` before the container is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileReq {
+    pub path: String,
+    pub content: Vec<u8>,
+    pub mode: u32,
+}
+
+/// Check a request's files against the limits and their paths (relative, no `..`).
+pub fn validate_files(files: &[FileReq]) -> VResult<()> {
+    let bad = |msg: String| Err(verr(ttrpc::Code::INVALID_ARGUMENT, msg));
+    if files.len() > MAX_FILES {
+        return bad(format!(
+            "files: {} given, at most {MAX_FILES} allowed",
+            files.len()
+        ));
+    }
+    let mut total = 0usize;
+    let mut seen = std::collections::HashSet::new();
+    for f in files {
+        inside(Path::new("/"), &f.path).map_err(|_| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("file {:?}: must be a relative path without '..'", f.path),
+            )
+        })?;
+        if f.path.len() > 255 {
+            return bad(format!("file {:?}: path longer than 255 bytes", f.path));
+        }
+        if !seen.insert(Path::new(&f.path).components().collect::<PathBuf>()) {
+            return bad(format!("file {:?}: given twice", f.path));
+        }
+        if f.content.len() > MAX_FILE_BYTES {
+            return bad(format!(
+                "file {:?}: {} bytes, more than the {MAX_FILE_BYTES} allowed",
+                f.path,
+                f.content.len()
+            ));
+        }
+        if f.mode & !0o7777 != 0 {
+            return bad(format!(
+                "file {:?}: mode {:o} has bits beyond 07777",
+                f.path, f.mode
+            ));
+        }
+        total += f.content.len();
+    }
+    if total > MAX_FILES_TOTAL_BYTES {
+        return bad(format!(
+            "files: {total} bytes in all, more than the {MAX_FILES_TOTAL_BYTES} allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Write `files` under `<bundle>/files` (checked with [`validate_files`] first): new files only,
+/// no symlink followed (every directory is made by us, the files with O_EXCL|O_NOFOLLOW).
+fn write_files(bundle: &Path, files: &[FileReq]) -> VResult<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let base = bundle.join(FILES_DIR);
+    let ierr = |p: &Path, what: &str, e: std::io::Error| {
+        verr(
+            ttrpc::Code::INTERNAL,
+            format!("{what} {}: {e}", p.display()),
+        )
+    };
+    for f in files {
+        let path = inside(&base, &f.path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| ierr(dir, "mkdir", e))?;
+        }
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| ierr(&path, "create", e))?;
+        out.write_all(&f.content)
+            .map_err(|e| ierr(&path, "write", e))?;
+        // the mode as given, not filtered by the umask
+        out.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .map_err(|e| ierr(&path, "chmod", e))?;
+    }
+    Ok(())
 }
 
 pub struct Containers {
@@ -414,7 +511,20 @@ impl Containers {
         rootfs: &[MountReq],
         stdin: bool,
     ) -> VResult<i32> {
+        self.create_with_files(id, spec_json, rootfs, &[], stdin)
+    }
+
+    /// [`Containers::create`], with `files` written under `<bundle>/files` first.
+    pub fn create_with_files(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[MountReq],
+        files: &[FileReq],
+        stdin: bool,
+    ) -> VResult<i32> {
         validate_id("container", id)?;
+        validate_files(files).map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
         if self.entries().contains_key(id) {
             return Err(verr(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -442,6 +552,8 @@ impl Containers {
         })?;
         let mut mounts = Vec::new();
         let result = (|| {
+            write_files(&bundle, files)
+                .map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
             for m in rootfs {
                 let target = inside(&bundle, &m.target)?;
                 std::fs::create_dir_all(&target).map_err(|e| {
@@ -725,6 +837,28 @@ impl Containers {
         f(&e.container).map_err(|err| engine_err(verb, id, err))
     }
 
+    /// Apply new resources (OCI LinuxResources JSON, at most [`MAX_RESOURCES_JSON`] bytes) to
+    /// the container's cgroup through the engine.
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> VResult<()> {
+        if resources_json.len() > MAX_RESOURCES_JSON {
+            return Err(verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!(
+                    "container {id}: resources: {} bytes, more than the {MAX_RESOURCES_JSON} allowed",
+                    resources_json.len()
+                ),
+            ));
+        }
+        let res: tandem_oci::LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| {
+                verr(
+                    ttrpc::Code::INVALID_ARGUMENT,
+                    format!("container {id}: resources (LinuxResources JSON): {e}"),
+                )
+            })?;
+        self.with("UpdateContainer", id, |c| c.update(&res))
+    }
+
     /// Delete the container (the engine kills what is left), unmount its rootfs, remove the bundle.
     pub fn remove(&self, id: &str) -> VResult<()> {
         let mut entries = self.entries();
@@ -790,6 +924,54 @@ mod tests {
         assert!(r("serial:layer0").is_err());
         let e = r("serial:../x").unwrap_err();
         assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn files_are_checked_and_written_inside_the_bundle() {
+        let f = |path: &str, n: usize, mode: u32| FileReq {
+            path: path.into(),
+            content: vec![b'x'; n],
+            mode,
+        };
+        let ok = [f("0-etc-hosts", 10, 0o644), f("sub/resolv.conf", 3, 0o600)];
+        validate_files(&ok).unwrap();
+        let cases: Vec<(Vec<FileReq>, &str)> = vec![
+            (vec![f("../x", 1, 0o644)], "\"../x\""),
+            (vec![f("/etc/passwd", 1, 0o644)], "/etc/passwd"),
+            (vec![f("", 1, 0o644)], "\"\""),
+            (vec![f("a", MAX_FILE_BYTES + 1, 0o644)], "65537 bytes"),
+            (vec![f("a", 1, 0o10644)], "10644"),
+            (vec![f("a", 1, 0o644), f("a", 2, 0o600)], "given twice"),
+            (vec![f("./a", 1, 0o644)], "\"./a\""),
+            (
+                (0..5)
+                    .map(|i| f(&i.to_string(), MAX_FILE_BYTES, 0o644))
+                    .collect(),
+                "in all",
+            ),
+            (
+                (0..=MAX_FILES)
+                    .map(|i| f(&i.to_string(), 1, 0o644))
+                    .collect(),
+                "at most 64",
+            ),
+        ];
+        for (files, want) in cases {
+            let e = validate_files(&files).unwrap_err();
+            assert_eq!(e.code, ttrpc::Code::INVALID_ARGUMENT);
+            assert!(e.msg.contains(want), "{want}: {}", e.msg);
+        }
+        let t = tempfile::tempdir().unwrap();
+        write_files(t.path(), &ok).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let hosts = t.path().join("files/0-etc-hosts");
+        assert_eq!(std::fs::read(&hosts).unwrap(), b"xxxxxxxxxx");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&hosts), 0o644);
+        assert_eq!(mode(&t.path().join("files/sub/resolv.conf")), 0o600);
+        // never over an existing file (nor through a symlink)
+        let e = write_files(t.path(), &ok[..1]).unwrap_err();
+        assert!(e.msg.contains("0-etc-hosts"), "{}", e.msg);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use ttrpc::{Code, TtrpcContext};
 
 use crate::command;
-use crate::containers::{Containers, MountReq, VerbError};
+use crate::containers::{Containers, FileReq, MountReq, VerbError};
 use crate::proto::{self, Agent};
 use crate::reaper::Reaper;
 
@@ -141,9 +141,24 @@ impl Agent for Service {
                 options: m.options.clone(),
             })
             .collect();
+        let files: Vec<FileReq> = req
+            .files
+            .iter()
+            .map(|f| FileReq {
+                path: f.path.clone(),
+                content: f.content.clone(),
+                mode: f.mode,
+            })
+            .collect();
         let pid = self
             .containers
-            .create(&req.container_id, &req.oci_spec_json, &rootfs, req.stdin)
+            .create_with_files(
+                &req.container_id,
+                &req.oci_spec_json,
+                &rootfs,
+                &files,
+                req.stdin,
+            )
             .map_err(rpc)?;
         Ok(proto::CreateContainerResponse {
             pid: pid as u32,
@@ -319,6 +334,18 @@ impl Agent for Service {
     ) -> ttrpc::Result<proto::Empty> {
         tracing::info!(id = %req.container_id, "RemoveContainer");
         self.containers.remove(&req.container_id).map_err(rpc)?;
+        Ok(proto::Empty::default())
+    }
+
+    fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: proto::UpdateContainerRequest,
+    ) -> ttrpc::Result<proto::Empty> {
+        tracing::info!(id = %req.container_id, "UpdateContainer");
+        self.containers
+            .update(&req.container_id, &req.resources_json)
+            .map_err(rpc)?;
         Ok(proto::Empty::default())
     }
 

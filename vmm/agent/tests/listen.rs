@@ -337,3 +337,165 @@ fn terminal_exec_output_stdin_and_resize() {
     assert!(lines.contains(&"size=30 100"), "{out:?}");
     assert!(common::read_all(&c, &id, "t1", true, t).is_empty());
 }
+
+/// CreateContainer with `files`: the agent writes them under `<bundle>/files` (mode as given)
+/// and the spec bind-mounts one read-only into the container; bad files are refused naming
+/// them, with nothing left. UpdateContainer applies a memory limit to the container's cgroup
+/// (the host's here: v1 memory or cgroup2) through the engine; bad JSON is INVALID_ARGUMENT.
+#[test]
+fn files_into_the_bundle_and_update_of_resources() {
+    use tandem_agent::client::{File, Mount};
+    let agent = start_agent();
+    let c = connect(&agent.socket);
+    let rootfs = agent._dir.path().join("rootfs");
+    for d in ["bin", "proc", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let id = format!("tandem-agent-files-{}", std::process::id());
+    let bundles = agent._dir.path().join("root/bundles");
+    let bundle = bundles.join(&id);
+    struct Cleanup<'a>(&'a AgentClient, &'a str);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.signal_process(self.1, "", 9, true);
+            let _ = self.0.wait_process(self.1, "", Duration::from_secs(5));
+            let _ = self.0.remove_container(self.1);
+        }
+    }
+    let cgroup = format!("/tandem-agent-files-{}", std::process::id());
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&common::busybox_spec(&["/bin/busybox", "sleep", "600"])).unwrap();
+    spec["linux"]["cgroupsPath"] = cgroup.clone().into();
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 67108864}});
+    spec["mounts"] = serde_json::json!([
+        { "destination": "/proc", "type": "proc", "source": "proc" },
+        { "destination": "/etc/hosts", "type": "bind",
+          "source": bundle.join("files/0-etc-hosts"), "options": ["rbind", "ro"] }
+    ]);
+    let spec = serde_json::to_vec(&spec).unwrap();
+    let rootfs_m = [Mount {
+        fstype: "bind".into(),
+        source: rootfs.to_str().unwrap().into(),
+        target: "rootfs".into(),
+        options: vec!["rbind".into()],
+    }];
+    let hosts = b"127.0.0.1 localhost\n198.18.0.7 files-test\n".to_vec();
+    let files = [
+        File {
+            path: "0-etc-hosts".into(),
+            content: hosts.clone(),
+            mode: 0o644,
+        },
+        File {
+            path: "sub/x".into(),
+            content: b"x".to_vec(),
+            mode: 0o600,
+        },
+    ];
+
+    // refused before anything is made: an escaping path, a file over the limit
+    for (bad, want) in [
+        (
+            File {
+                path: "../escape".into(),
+                ..Default::default()
+            },
+            "\"../escape\"",
+        ),
+        (
+            File {
+                path: "big".into(),
+                content: vec![0; tandem_agent::containers::MAX_FILE_BYTES + 1],
+                mode: 0o644,
+            },
+            "65537 bytes",
+        ),
+    ] {
+        let e = c
+            .create_container_with_files(&id, &spec, &rootfs_m, &[bad], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want) && e.contains(&id), "{e}");
+    }
+    // files written, then a rootfs mount fails: nothing left (files, bundle)
+    let bad_rootfs = [Mount {
+        source: "/nonexistent/rootfs".into(),
+        ..rootfs_m[0].clone()
+    }];
+    let e = c
+        .create_container_with_files(&id, &spec, &bad_rootfs, &files, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&id) && e.contains("/nonexistent/rootfs"), "{e}");
+    assert!(!bundle.exists(), "bundle left after a failed create");
+    assert!(!agent._dir.path().join("escape").exists());
+
+    c.create_container_with_files(&id, &spec, &rootfs_m, &files, false)
+        .expect("CreateContainer with files");
+    let _cleanup = Cleanup(&c, &id);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&bundle.join("files/0-etc-hosts")), 0o644);
+    assert_eq!(mode(&bundle.join("files/sub/x")), 0o600);
+    c.start_container(&id).expect("StartContainer");
+    let t = Duration::from_secs(20);
+    let p = common::busybox_process(&[
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox cat /etc/hosts; echo new >> /etc/hosts && echo writable",
+    ]);
+    c.exec_process(&id, "cat", &p, false).expect("ExecProcess");
+    assert_eq!(c.wait_process(&id, "cat", t).unwrap().status, 1);
+    assert_eq!(common::read_all(&c, &id, "cat", false, t), hosts);
+
+    // UpdateContainer: the memory limit lands in the container's cgroup
+    let v1 = Path::new("/sys/fs/cgroup/memory").is_dir();
+    let limit_file = if v1 {
+        format!("/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes")
+    } else {
+        format!("/sys/fs/cgroup{cgroup}/memory.max")
+    };
+    let read_limit = || {
+        std::fs::read_to_string(&limit_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read_limit(), "67108864");
+    c.update_container(&id, br#"{"memory":{"limit":134217728}}"#)
+        .expect("UpdateContainer");
+    assert_eq!(read_limit(), "134217728");
+    let e = c
+        .update_container(&id, br#"{"memory":{"limit":"lots"}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("INVALID_ARGUMENT") && e.contains("LinuxResources") && e.contains(&id),
+        "{e}"
+    );
+    let e = c
+        .update_container("nope", br#"{"memory":{"limit":134217728}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NOT_FOUND") && e.contains("nope"), "{e}");
+    let e = c
+        .update_container(
+            &id,
+            &vec![b' '; tandem_agent::containers::MAX_RESOURCES_JSON + 1],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not sent"), "{e}");
+    assert_eq!(read_limit(), "134217728");
+
+    c.signal_process(&id, "", 9, true).unwrap();
+    c.wait_process(&id, "", t).unwrap();
+    c.remove_container(&id).expect("RemoveContainer");
+    assert!(!bundle.exists());
+    assert!(
+        !Path::new(&limit_file).exists(),
+        "cgroup left: {limit_file}"
+    );
+}

@@ -83,6 +83,33 @@ fn agent_err(e: tandem_agent::Error) -> Error {
     }
 }
 
+/// The resources of an update as the guest gets them: checked as the engine would (on the host,
+/// before anything is sent), host-only fields stripped as in the guest spec, at most
+/// `MAX_RESOURCES_JSON` bytes.
+fn update_json(id: &str, resources: &LinuxResources) -> Result<Vec<u8>> {
+    tandem_oci::spec::validate_resources(resources)
+        .map_err(|e| Error::InvalidArgument(format!("container {id}: update: {e}")))?;
+    let mut v = serde_json::to_value(resources)
+        .map_err(|e| Error::InvalidArgument(format!("container {id}: update: {e}")))?;
+    let removed = spec::strip_resources(&mut v);
+    if !removed.is_empty() {
+        tracing::info!(
+            id,
+            ?removed,
+            "update: host-only resources not applied in the guest (the VM's own)"
+        );
+    }
+    let json = serde_json::to_vec(&v).map_err(|e| Error::Other(e.to_string()))?;
+    let max = tandem_agent::containers::MAX_RESOURCES_JSON;
+    if json.len() > max {
+        return Err(Error::InvalidArgument(format!(
+            "container {id}: update: resources JSON of {} bytes, more than the {max} a VM container takes",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
 fn is_timeout(e: &tandem_agent::Error) -> bool {
     matches!(e, tandem_agent::Error::Timeout { .. })
 }
@@ -993,6 +1020,12 @@ impl VmPod {
                 "container {id}: process.args is empty"
             )));
         }
+        // host files for the guest read and checked before anything is made
+        let guest_bundle = format!("{GUEST_BUNDLES}/{id}");
+        let (hs, hb, gid) = (host_spec.clone(), opts.bundle.clone(), id.clone());
+        let guest = blocking(move || spec::guest_spec_with_files(hs, &gid, &hb, &guest_bundle))
+            .await?
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
         let pod = self
             .record
             .lock()
@@ -1002,7 +1035,8 @@ impl VmPod {
             .unwrap_or_else(|| id.clone());
         let vm = self.ensure_vm(&host_spec, &pod).await?;
         self.update_record(|r| r.containers.push(id.clone()));
-        let r = self.make_container(&vm, &opts, host_spec).await;
+        let r = self.make_container(&vm, &opts, host_spec, guest).await;
+
         match r {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -1017,6 +1051,7 @@ impl VmPod {
         vm: &Arc<Vm>,
         opts: &CreateOpts,
         host_spec: Value,
+        guest: spec::GuestSpec,
     ) -> Result<u32> {
         let id = opts.id.clone();
         let root_path = host_spec["root"]["path"]
@@ -1108,15 +1143,27 @@ impl VmPod {
                 lower.join(":")
             )],
         });
-        let (gspec, dropped) = spec::guest_spec(host_spec, &id);
+        let spec::GuestSpec {
+            spec: gspec,
+            files,
+            dropped,
+        } = guest;
         if !dropped.is_empty() {
-            tracing::info!(id, ?dropped, "host bind mounts not given to the guest");
+            tracing::warn!(
+                id,
+                ?dropped,
+                "host bind mounts not given to the guest (VM mode copies small regular files only)"
+            );
         }
         let gspec = serde_json::to_vec(&gspec).map_err(|e| Error::Other(e.to_string()))?;
         let stdin = !opts.stdio.stdin.is_empty();
         let (v, cid) = (vm.clone(), id.clone());
-        let created =
-            blocking(move || v.agent.create_container(&cid, &gspec, &mounts, stdin)).await?;
+        let created = blocking(move || {
+            v.agent
+                .create_container_with_files(&cid, &gspec, &mounts, &files, stdin)
+        })
+        .await?;
+
         let guest_pid = match created {
             Ok(p) => p,
             Err(e) => {
@@ -1369,11 +1416,19 @@ impl Pod for VmPod {
         Ok(out)
     }
 
-    async fn update(&self, id: &str, _resources: LinuxResources) -> Result<()> {
-        self.ctr(id)?;
-        Err(Error::FailedPrecondition(format!(
-            "container {id}: updating resources is not supported in VM mode (agent API v1 has no Update)"
-        )))
+    async fn update(&self, id: &str, resources: LinuxResources) -> Result<()> {
+        let ctr = self.ctr(id)?;
+        if ctr.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id}: not running"
+            )));
+        }
+        let json = update_json(id, &resources)?;
+        let vm = self.vm().await?;
+        let cid = id.to_string();
+        blocking(move || vm.agent.update_container(&cid, &json))
+            .await?
+            .map_err(agent_err)
     }
 
     async fn pids(&self, id: &str) -> Result<Vec<PidInfo>> {
@@ -1465,6 +1520,37 @@ impl Pod for VmPod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn update_json_strips_host_fields_and_checks_on_the_host() {
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"cpu":{"shares":512,"quota":50000,"period":100000,"cpus":"0-1","mems":"0"},
+                "memory":{"limit":134217728},"hugepageLimits":[{"pageSize":"2MB","limit":0}],
+                "blockIO":{"weight":100}}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&update_json("c1", &r).unwrap()).unwrap();
+        assert_eq!(v["memory"]["limit"], 134217728);
+        assert_eq!(v["cpu"]["quota"], 50000);
+        assert!(v["cpu"].get("cpus").is_none() && v["cpu"].get("mems").is_none());
+        assert!(v.get("hugepageLimits").is_none() && v.get("blockIO").is_none());
+        // the engine's checks run on the host: a bad cpuset is refused naming the field
+        let bad: LinuxResources =
+            serde_json::from_str(r#"{"cpu":{"cpus":"3-1"},"memory":{"limit":1}}"#).unwrap();
+        let e = update_json("c1", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("c1") && e.contains("cpu.cpus") && e.contains("3-1"),
+            "{e}"
+        );
+        // too much to send
+        let devices: Vec<Value> = (0..2000)
+            .map(|i| serde_json::json!({"allow": true, "type": "c", "major": i, "minor": i, "access": "rwm"}))
+            .collect();
+        let big: LinuxResources =
+            serde_json::from_value(serde_json::json!({"devices": devices})).unwrap();
+        let e = update_json("c1", &big).unwrap_err().to_string();
+        assert!(e.contains("c1") && e.contains("more than the 65536"), "{e}");
+    }
 
     #[test]
     fn record_round_trip_and_crash_cleanup_of_a_dead_shim() {

@@ -1,12 +1,60 @@
 //! The OCI spec a container gets in the guest, from the one containerd wrote for the host.
 //! What names host things is dropped or rewritten: the rootfs is the overlay the agent mounts at
 //! `<bundle>/rootfs`; namespaces given by host paths become new ones and the network namespace
-//! goes (every container of the pod shares the guest's network, which is the pod's); bind mounts
-//! of host paths are dropped (the guest cannot see host files); host CPU and NUMA numbers, hugepage
-//! and block-IO limits are the VM's business, not the guest cgroup's; hooks and LSM labels name
-//! host programs and policies.
+//! goes (every container of the pod shares the guest's network, which is the pod's); host CPU and
+//! NUMA numbers, hugepage and block-IO limits are the VM's business, not the guest cgroup's; hooks
+//! and LSM labels name host programs and policies.
+//!
+//! Bind mounts of host paths ([`guest_spec_with_files`]; the guest cannot see host files): a small
+//! regular file (CRI's `/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`, `/dev/termination-log`,
+//! `ctr run --mount type=bind,src=<file>`) is copied — read here, at most
+//! [`MAX_FILE_BYTES`] each and [`MAX_FILES_TOTAL_BYTES`] in all — sent with CreateContainer, and
+//! bind-mounted in the guest from `<guest bundle>/files/<n>` with the mount's own options (ro/rw);
+//! a directory bound on `/dev/shm` becomes a tmpfs of the host mount's size; other directories
+//! (emptyDir, hostPath dirs, image volumes) and special files are dropped and logged.
 
-use serde_json::Value;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+pub use tandem_agent::client::File as GuestFile;
+use tandem_agent::containers::FILES_DIR;
+
+/// Largest host file copied into the guest for a bind mount.
+pub const MAX_FILE_BYTES: u64 = tandem_agent::containers::MAX_FILE_BYTES as u64;
+/// Largest sum of the host files copied for one container.
+pub const MAX_FILES_TOTAL_BYTES: u64 = tandem_agent::containers::MAX_FILES_TOTAL_BYTES as u64;
+/// Most host files copied for one container.
+pub const MAX_FILES: usize = tandem_agent::containers::MAX_FILES;
+
+/// Why a container's bind mounts cannot be given to the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("bind mount {src} -> {dest}: {msg}")]
+    Mount {
+        src: String,
+        dest: String,
+        msg: String,
+    },
+    #[error(
+        "bind mounts of host files: {total} bytes in all, more than the {MAX_FILES_TOTAL_BYTES} \
+         a VM container may copy"
+    )]
+    Total { total: u64 },
+    #[error("bind mounts of host files: more than {MAX_FILES} files")]
+    Count,
+}
+
+/// The guest's spec of a container, the host files it needs, and what was left out.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub spec: Value,
+    /// To send with CreateContainer (written at `<guest bundle>/files/<path>`).
+    pub files: Vec<GuestFile>,
+    /// Host bind mounts not given to the guest, as "source -> destination (why)".
+    pub dropped: Vec<String>,
+}
 
 /// Guest cgroup of a container.
 pub fn cgroup_path(id: &str) -> String {
@@ -56,18 +104,225 @@ pub fn guest_spec(mut spec: Value, id: &str) -> (Value, Vec<String>) {
                 }
             }
         }
-        if let Some(res) = linux.get_mut("resources").and_then(Value::as_object_mut) {
-            res.remove("hugepageLimits");
-            res.remove("blockIO");
-            res.remove("network");
-            res.remove("rdma");
-            if let Some(cpu) = res.get_mut("cpu").and_then(Value::as_object_mut) {
-                cpu.remove("cpus");
-                cpu.remove("mems");
-            }
+        if let Some(res) = linux.get_mut("resources") {
+            strip_resources(res);
         }
     }
     (spec, dropped)
+}
+
+/// Remove from OCI `LinuxResources` (JSON) what is the VM's business on the host, not the guest
+/// cgroup's: host CPU and NUMA numbers, hugepage, block-IO, network class and RDMA limits. Returns
+/// the names of the fields removed.
+pub fn strip_resources(res: &mut Value) -> Vec<&'static str> {
+    let mut removed = Vec::new();
+    let Some(res) = res.as_object_mut() else {
+        return removed;
+    };
+    for k in ["hugepageLimits", "blockIO", "network", "rdma"] {
+        if res.remove(k).is_some() {
+            removed.push(k);
+        }
+    }
+    if let Some(cpu) = res.get_mut("cpu").and_then(Value::as_object_mut) {
+        for (k, name) in [("cpus", "cpu.cpus"), ("mems", "cpu.mems")] {
+            if cpu.remove(k).is_some() {
+                removed.push(name);
+            }
+        }
+    }
+    removed
+}
+
+fn is_bind(m: &Value) -> bool {
+    m["type"].as_str() == Some("bind")
+        || m["options"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// `/etc/resolv.conf` -> `etc-resolv.conf`: a file name for the guest copy.
+fn file_name(index: usize, dest: &str) -> String {
+    let tail: String = dest
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("{index}-{tail}")
+}
+
+/// The bytes of a regular host file of at most `max` bytes (opened without blocking, checked on
+/// the open file).
+fn read_small(path: &Path, max: u64) -> Result<(Vec<u8>, u32), String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("open: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("stat: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let too_big =
+        |n: u64| format!("{n} bytes, more than the {max} a VM container may copy from a host file");
+    if meta.len() > max {
+        return Err(too_big(meta.len()));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("read: {e}"))?;
+    if data.len() as u64 > max {
+        return Err(too_big(data.len() as u64));
+    }
+    Ok((data, meta.mode() & 0o7777))
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The size in bytes of the tmpfs mounted at `dir`, when `dir` is a tmpfs mount point.
+fn tmpfs_size(dir: &Path, mountinfo: &str) -> Option<u64> {
+    let dir = dir.canonicalize().ok()?;
+    let is_tmpfs = mountinfo.lines().rev().any(|l| {
+        let mut halves = l.splitn(2, " - ");
+        let (left, right) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        left.split(' ').nth(4).map(unescape_mountinfo).as_deref() == dir.to_str()
+            && right.split(' ').next() == Some("tmpfs")
+    });
+    if !is_tmpfs {
+        return None;
+    }
+    let st = nix::sys::statvfs::statvfs(&dir).ok()?;
+    Some(st.blocks() * st.fragment_size())
+}
+
+/// The guest's `/dev/shm` for a host directory bound there: a tmpfs of the host mount's size.
+fn shm_tmpfs(m: &Value, host: &Path, mountinfo: &str) -> Value {
+    let mut options = vec!["nosuid", "noexec", "nodev", "mode=1777"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    if m["options"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|o| o == "ro"))
+    {
+        options.push("ro".into());
+    }
+    if let Some(size) = tmpfs_size(host, mountinfo) {
+        options.push(format!("size={}k", size.div_ceil(1024)));
+    }
+    json!({"destination": m["destination"], "type": "tmpfs", "source": "shm", "options": options})
+}
+
+/// [`guest_spec`], with the bind mounts of host paths turned into what the guest can have (see
+/// the module doc): the files to copy are read here and checked against the limits. Relative
+/// bind sources are taken from `host_bundle`; `guest_bundle` is the container's bundle in the
+/// guest (`/run/tandem/bundles/<id>`). A missing source, a file over a limit or an unreadable one
+/// is an error naming the mount; nothing is made.
+pub fn guest_spec_with_files(
+    mut spec: Value,
+    id: &str,
+    host_bundle: &Path,
+    guest_bundle: &str,
+) -> Result<GuestSpec, BindError> {
+    let mounts = spec.as_object_mut().and_then(|o| o.remove("mounts"));
+    let mut out = Vec::new();
+    let mut files: Vec<GuestFile> = Vec::new();
+    let mut dropped = Vec::new();
+    let mut total = 0u64;
+    let mut mountinfo: Option<String> = None;
+    if let Some(Value::Array(mounts)) = &mounts {
+        for (i, m) in mounts.iter().enumerate() {
+            if !is_bind(m) {
+                out.push(m.clone());
+                continue;
+            }
+            let source = m["source"].as_str().unwrap_or_default().to_string();
+            let dest = m["destination"].as_str().unwrap_or_default().to_string();
+            let err = |msg: String| BindError::Mount {
+                src: source.clone(),
+                dest: dest.clone(),
+                msg,
+            };
+            let host: PathBuf = if Path::new(&source).is_absolute() {
+                PathBuf::from(&source)
+            } else {
+                host_bundle.join(&source)
+            };
+            let meta =
+                std::fs::metadata(&host).map_err(|e| err(format!("{}: {e}", host.display())))?;
+            if meta.is_dir() {
+                if dest == "/dev/shm" {
+                    let mi = mountinfo.get_or_insert_with(|| {
+                        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
+                    });
+                    out.push(shm_tmpfs(m, &host, mi));
+                } else {
+                    dropped.push(format!("{source} -> {dest} (a directory)"));
+                }
+                continue;
+            }
+            if !meta.is_file() {
+                dropped.push(format!("{source} -> {dest} (not a regular file)"));
+                continue;
+            }
+            if files.len() >= MAX_FILES {
+                return Err(BindError::Count);
+            }
+            let (content, mode) = read_small(&host, MAX_FILE_BYTES).map_err(err)?;
+            total += content.len() as u64;
+            if total > MAX_FILES_TOTAL_BYTES {
+                return Err(BindError::Total { total });
+            }
+            let name = file_name(i, &dest);
+            let mut g = m.clone();
+            g["source"] = Value::String(format!("{guest_bundle}/{FILES_DIR}/{name}"));
+            g["type"] = Value::String("bind".into());
+            if m["options"].as_array().is_none() {
+                g["options"] = json!(["rbind"]);
+            }
+            out.push(g);
+            files.push(GuestFile {
+                path: name,
+                content,
+                mode,
+            });
+        }
+    }
+    let (mut spec, _) = guest_spec(spec, id);
+    if mounts.is_some() {
+        spec["mounts"] = Value::Array(out);
+    }
+    Ok(GuestSpec {
+        spec,
+        files,
+        dropped,
+    })
 }
 
 /// The guest's process spec of an exec.
@@ -126,5 +381,176 @@ mod tests {
         assert!(g["linux"]["resources"].get("hugepageLimits").is_none());
         let p = guest_process(json!({"args": ["ls"], "terminal": true, "apparmorProfile": "x"}));
         assert_eq!(p, json!({"args": ["ls"], "terminal": true}));
+    }
+
+    #[test]
+    fn strip_resources_names_what_it_removed() {
+        let mut r = json!({
+            "cpu": {"shares": 512, "quota": 20000, "period": 100000, "cpus": "0-1", "mems": "0"},
+            "memory": {"limit": 134217728},
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+            "blockIO": {"weight": 10},
+            "devices": [{"allow": false, "access": "rwm"}]
+        });
+        let removed = strip_resources(&mut r);
+        assert_eq!(
+            removed,
+            vec!["hugepageLimits", "blockIO", "cpu.cpus", "cpu.mems"]
+        );
+        assert_eq!(
+            r,
+            json!({
+                "cpu": {"shares": 512, "quota": 20000, "period": 100000},
+                "memory": {"limit": 134217728},
+                "devices": [{"allow": false, "access": "rwm"}]
+            })
+        );
+        assert!(strip_resources(&mut json!(null)).is_empty());
+    }
+
+    /// CRI's binds as containerd 1.6 writes them: the sandbox's hosts, resolv.conf, hostname
+    /// files and shm dir, a directory volume, a FIFO, `ctr run --mount` of a file (relative
+    /// source: from the bundle).
+    #[test]
+    fn host_file_binds_become_guest_files_dirs_are_dropped_shm_is_tmpfs() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let sb = t.path().join("sandboxes/abc");
+        std::fs::create_dir_all(sb.join("shm")).unwrap();
+        std::fs::create_dir_all(t.path().join("volume")).unwrap();
+        std::fs::write(sb.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::write(sb.join("resolv.conf"), "nameserver 198.18.0.53\n").unwrap();
+        std::fs::write(sb.join("hostname"), "pod-a\n").unwrap();
+        std::fs::set_permissions(
+            sb.join("resolv.conf"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let bundle = t.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join("cfg.txt"), "k=v").unwrap();
+        nix::unistd::mkfifo(&t.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let p = |x: &str| sb.join(x).display().to_string();
+        let spec = json!({
+            "process": {"args": ["sh"]},
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": p("hosts"), "options": ["rbind", "rprivate", "rw"]},
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": p("resolv.conf"), "options": ["rbind", "ro"]},
+                {"destination": "/etc/hostname", "source": p("hostname"), "options": ["bind", "ro"]},
+                {"destination": "/dev/shm", "type": "bind", "source": p("shm"), "options": ["rbind", "ro"]},
+                {"destination": "/data", "type": "bind", "source": t.path().join("volume"), "options": ["rbind"]},
+                {"destination": "/pipe", "type": "bind", "source": t.path().join("fifo")},
+                {"destination": "/x", "type": "bind", "source": "cfg.txt", "options": ["rbind", "ro"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+            ],
+            "linux": {"namespaces": [{"type": "mount"}]}
+        });
+        let g = guest_spec_with_files(spec, "c1", &bundle, "/run/tandem/bundles/c1").unwrap();
+        let f = |n: &str| format!("/run/tandem/bundles/c1/files/{n}");
+        assert_eq!(
+            g.spec["mounts"],
+            json!([
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": f("1-etc-hosts"), "options": ["rbind", "rprivate", "rw"]},
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": f("2-etc-resolv.conf"), "options": ["rbind", "ro"]},
+                {"destination": "/etc/hostname", "type": "bind", "source": f("3-etc-hostname"), "options": ["bind", "ro"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "ro"]},
+                {"destination": "/x", "type": "bind", "source": f("7-x"), "options": ["rbind", "ro"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
+            ])
+        );
+        let files: Vec<(&str, &[u8], u32)> = g
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.content.as_slice(), f.mode))
+            .collect();
+        assert_eq!(
+            files,
+            vec![
+                ("1-etc-hosts", &b"127.0.0.1 localhost\n"[..], 0o644),
+                ("2-etc-resolv.conf", &b"nameserver 198.18.0.53\n"[..], 0o640),
+                ("3-etc-hostname", &b"pod-a\n"[..], 0o644),
+                ("7-x", &b"k=v"[..], 0o644),
+            ]
+        );
+        assert_eq!(g.dropped.len(), 2, "{:?}", g.dropped);
+        assert!(
+            g.dropped[0].ends_with("volume -> /data (a directory)"),
+            "{:?}",
+            g.dropped
+        );
+        assert!(
+            g.dropped[1].ends_with("fifo -> /pipe (not a regular file)"),
+            "{:?}",
+            g.dropped
+        );
+        // the rest of the rewrite still applies
+        assert_eq!(g.spec["root"], json!({"path": "rootfs", "readonly": false}));
+        assert_eq!(g.spec["linux"]["cgroupsPath"], "/tandem/c1");
+        // no mounts in, no mounts out
+        let g = guest_spec_with_files(json!({"process": {}}), "c1", &bundle, "/b").unwrap();
+        assert!(g.spec.get("mounts").is_none() && g.files.is_empty());
+    }
+
+    #[test]
+    fn shm_of_a_host_tmpfs_keeps_its_size() {
+        // /dev/shm of the machine the test runs on is a tmpfs mount point
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let st = nix::sys::statvfs::statvfs("/dev/shm").unwrap();
+        let want = format!(
+            "size={}k",
+            (st.blocks() * st.fragment_size()).div_ceil(1024)
+        );
+        let m = json!({"destination": "/dev/shm", "type": "bind", "source": "/dev/shm", "options": ["rbind"]});
+        let g = shm_tmpfs(&m, Path::new("/dev/shm"), &mi);
+        assert_eq!(
+            g,
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                   "options": ["nosuid", "noexec", "nodev", "mode=1777", want]})
+        );
+        // a mount point found through its escaped name; a plain directory has no size
+        let fake = "36 25 0:32 / /run/a\\040b rw - tmpfs tmpfs rw\n";
+        assert_eq!(unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(tmpfs_size(t.path(), fake), None);
+        assert_eq!(tmpfs_size(t.path(), &mi), None);
+    }
+
+    #[test]
+    fn bad_binds_are_errors_naming_the_mount() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("big");
+        std::fs::write(&big, vec![b'x'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let spec = |src: &Path| {
+            json!({"mounts": [{"destination": "/etc/big", "type": "bind",
+                               "source": src, "options": ["rbind"]}]})
+        };
+        let e = guest_spec_with_files(spec(&big), "c1", t.path(), "/b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&big.display().to_string())
+                && e.contains("/etc/big")
+                && e.contains("65537 bytes"),
+            "{e}"
+        );
+        let missing = t.path().join("missing");
+        let e = guest_spec_with_files(spec(&missing), "c1", t.path(), "/b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing") && e.contains("No such file"), "{e}");
+        // the sum of the files is limited too
+        let mut mounts = Vec::new();
+        for i in 0..5 {
+            let p = t.path().join(format!("f{i}"));
+            std::fs::write(&p, vec![b'y'; MAX_FILE_BYTES as usize]).unwrap();
+            mounts.push(json!({"destination": format!("/f{i}"), "type": "bind", "source": p}));
+        }
+        let e = guest_spec_with_files(json!({"mounts": mounts}), "c1", t.path(), "/b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in all"), "{e}");
     }
 }
