@@ -19,7 +19,9 @@ fi
 #   containerd (+ctr, containerd-shim-runc-v2), runc, crun   container runtimes to drive/compare
 #   busybox-static                                            the test/demo image
 #   containernetworking-plugins, iproute2                     CNI + netns for pod networking
-#   libseccomp-dev, pkg-config, gcc, libc6-dev, make         building the shim (libseccomp)
+#   libseccomp-dev, pkg-config, gcc, libc6-dev, make         building the shim: it is linked
+#                                                             static-pie (libseccomp.a, libc.a;
+#                                                             .cargo/config.toml)
 #   protobuf-compiler                                         ttrpc/agent protocol code generation
 #   erofs-utils, cpio, lz4, qemu-system-x86                   microVM guest images and boot tests
 #   jq, tar, gzip, coreutils                                  the image builder (deploy/images)
@@ -63,4 +65,12 @@ fi
 
 cd "$repo"
 cargo build --release -p tandem-shim
-echo "setup.sh: built $repo/target/release/containerd-shim-tandem-v2"
+shim="${CARGO_TARGET_DIR:-$repo/target}/release/containerd-shim-tandem-v2"
+# the shim is built static-pie by scripts/rustc-static-shim.sh (see .cargo/config.toml); a
+# RUSTC_WORKSPACE_WRAPPER in the environment would replace that wrapper
+if ldd "$shim" 2>&1 | grep -q '=>'; then
+    echo "setup.sh: $shim is dynamically linked (is RUSTC_WORKSPACE_WRAPPER set?):" >&2
+    ldd "$shim" >&2 || true
+    exit 1
+fi
+echo "setup.sh: built $shim (static-pie)"
