@@ -1,4 +1,6 @@
-#!/bin/sh
+#!/usr/bin/env bash
+# (bash, not sh: dash drops environment variables whose names are not shell identifiers, such as
+# cargo's CARGO_BIN_EXE_<bin-name> that integration tests read with env!())
 # Cargo's rustc wrapper for this workspace's own crates (`build.rustc-workspace-wrapper` in
 # .cargo/config.toml); cargo runs it as `rustc-static-shim.sh <rustc> <args...>`.
 #
