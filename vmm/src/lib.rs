@@ -12,5 +12,5 @@ pub use config::{
     VcpuConfig, VmConfig, VsockConfig,
 };
 pub use error::{Error, Result};
-pub use hypervisor::{Hypervisor, RunningVm, VcpuThread, VmState};
+pub use hypervisor::{kill_recorded, vmms_in, Hypervisor, RunningVm, VcpuThread, VmState};
 pub use qemu::{Accel, Qemu, QemuConfig, QemuVm};

@@ -61,6 +61,11 @@ pub struct QemuConfig {
     /// Free PCIe root ports made at start for hot-added NICs and disks.
     #[serde(default = "default_ports")]
     pub hotplug_ports: u8,
+    /// Cgroup directories (one per hierarchy, all existing) QEMU joins between fork and exec,
+    /// so that every thread it makes (vCPUs included) and every page it touches is in them
+    /// from the start. Empty: QEMU stays in the caller's cgroups.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 fn default_binary() -> PathBuf {
@@ -80,6 +85,7 @@ impl QemuConfig {
             accel: Accel::Auto,
             run_dir: run_dir.into(),
             hotplug_ports: default_ports(),
+            cgroups: Vec::new(),
         }
     }
 }
@@ -169,6 +175,16 @@ impl Qemu {
             Some(p) => Some(File::open(p).map_err(|e| Error::io(p, e))?),
             None => None,
         };
+        // Opened here, written ("0": the writer itself) by the child before exec.
+        let mut procs_files = Vec::new();
+        for dir in &self.config.cgroups {
+            let p = dir.join("cgroup.procs");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            procs_files.push(f);
+        }
         let log_path = run_dir.join(QEMU_LOG);
         let log = File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
         let mut cmd = Command::new(binary);
@@ -177,11 +193,17 @@ impl Qemu {
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
+        let procs_fds: Vec<i32> = procs_files.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: only async-signal-safe calls (setsid, write, setns) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for fd in &procs_fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if let Some(fd) = netns_fd {
                     if libc::setns(fd, libc::CLONE_NEWNET) < 0 {
@@ -197,9 +219,17 @@ impl Qemu {
                 let _ = std::fs::remove_dir(run_dir);
             }
             let _ = std::fs::remove_file(&log_path);
-            qerr(format!("spawn: {e}"))
+            if self.config.cgroups.is_empty() {
+                qerr(format!("spawn: {e}"))
+            } else {
+                qerr(format!(
+                    "spawn (joining cgroups {:?}): {e}",
+                    self.config.cgroups
+                ))
+            }
         })?;
         drop(netns);
+        drop(procs_files);
         let pid = child.id();
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => fd,
