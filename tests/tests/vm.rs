@@ -763,3 +763,274 @@ fn tty_in_a_vm_has_pts_window_size_and_resize() {
     env.c.assert_no_leaks(&[&id]);
     assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
 }
+
+// ---- user namespaces in VM pods (issue 4): docs/userns.md, "VM mode" ----
+
+/// The guest range a VM pod's root maps to with `[userns] mode = "pod"` (shim spec.rs).
+const GUEST_USERNS: &str = "0 100000 65536";
+const IDMAP_FILE: &str = "/run/containerd-tandem/idmap/idmap.json";
+
+/// `[userns]` of the VM userns tests: a pool no other test uses, so that a range taken for a VM
+/// pod would show (none must be).
+fn userns_toml() -> String {
+    format!(
+        "[userns]\nmode = \"pod\"\npool_start = {}\npool_size = {}\n",
+        USERNS_POOL,
+        4 * 65536
+    )
+}
+const USERNS_POOL: u64 = 1_700_000_000;
+
+/// Host allocations of the idmap pool that name `pod` or lie in the VM tests' pool.
+fn host_ranges_of(ns: &str, pod: &str) -> Vec<String> {
+    let Ok(text) = std::fs::read(IDMAP_FILE) else {
+        return vec![];
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).expect("idmap.json is JSON");
+    v["allocations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, r)| {
+            let start = r["start"].as_u64().unwrap_or(0);
+            *k == &format!("{ns}/{pod}") || (USERNS_POOL..USERNS_POOL + 4 * 65536).contains(&start)
+        })
+        .map(|(k, r)| format!("{k}: {r}"))
+        .collect()
+}
+
+/// A VM-mode containerd with `extra` appended to the tandem config.
+fn env_with(extra: &str) -> Env {
+    let g = guest();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let toml = format!("{}{extra}", vm_toml(&g.kernel, &g.initrd, cache.path()));
+    let c = Containerd::start(Some(&toml)).expect("start containerd");
+    c.import_busybox();
+    let cfg = c
+        .runtime_config
+        .as_ref()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    Env {
+        c,
+        cfg,
+        _cache: cache,
+    }
+}
+
+/// What a process in the guest container sees of its user namespace and rootfs.
+const USERNS_PROBE: &str = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
+     stat -c %u:%g /bin/busybox /etc/passwd /; readlink /proc/self/ns/user; \
+     touch /made-by-root && stat -c %u:%g /made-by-root; \
+     mknod /dev/tandem-null c 1 3 2>&1 && echo mknod-ok; true";
+
+fn probe_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// `[userns] mode = "pod"` with `ctr run`: the container in the guest is root of a user
+/// namespace mapped to the guest range (not the identity map), the image's root-owned files are
+/// root's (idmapped erofs layers), a file it writes is root's, and creating a device node —
+/// which needs CAP_MKNOD in the guest's initial user namespace — is refused; no host range is
+/// taken from the pool at any time, and nothing is left after delete.
+#[test]
+fn vm_pod_userns_maps_root_to_a_guest_range_without_a_host_range() {
+    let _slot = vm_slot();
+    let env = env_with(&userns_toml());
+    let c = &env.c;
+    let id = unique_id("vmuserns");
+    let rt = runtime();
+    let mut args = vec!["run", "-d", "--runtime", &rt];
+    args.extend(env.args(&[]));
+    args.extend([BUSYBOX, id.as_str(), "sleep", "1000"]);
+    let o = c.ctr(&args);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        c.log_tail(30)
+    );
+    c.wait_task_status(&id, "RUNNING", Duration::from_secs(10));
+    let pid = c.task_pid(&id);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    let run = |eid: &str| {
+        let o = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            eid,
+            &id,
+            "sh",
+            "-c",
+            USERNS_PROBE,
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        probe_lines(&out)
+    };
+    let a = run("p1");
+    eprintln!("userns probe in the guest: {a:?}");
+    assert_eq!(a[0], GUEST_USERNS, "uid_map");
+    assert_eq!(a[1], GUEST_USERNS, "gid_map");
+    assert_ne!(a[0], "0 0 4294967295");
+    assert_eq!(&a[2..4], ["0", "0"], "id -u, id -g");
+    assert_eq!(
+        &a[4..7],
+        ["0:0", "0:0", "0:0"],
+        "/bin/busybox, /etc/passwd and / are root's inside"
+    );
+    assert!(a[7].starts_with("user:["), "{}", a[7]);
+    assert_eq!(a[8], "0:0", "a file root writes is root's");
+    assert!(
+        a[9].contains("Operation not permitted"),
+        "root of the pod is not root of the guest: {}",
+        a[9]
+    );
+    // the init (sleep) is in the same user namespace as the execs
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "p2",
+        &id,
+        "readlink",
+        "/proc/1/ns/user",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), a[7]);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    c.wait_task_status(&id, "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "rm", &id]);
+    wait_no_qemu(pid, Duration::from_secs(10));
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+}
+
+/// Mappings already in the spec (`ctr run --uidmap/--gidmap`, userns policy off) are the guest
+/// user namespace's, as given; ctr's chown'ed snapshot layer is used as it is, the image layers
+/// under it idmapped: busybox is root's inside. No host range.
+#[test]
+fn vm_given_mappings_are_used_in_the_guest() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let c = &env.c;
+    let id = unique_id("vmgiven");
+    let rt = runtime();
+    let mut args = vec!["run", "--rm", "--runtime", &rt];
+    args.extend(env.args(&["--uidmap", "0:300000:65536", "--gidmap", "0:400000:65536"]));
+    args.extend([BUSYBOX, id.as_str(), "sh", "-c", USERNS_PROBE]);
+    let o = c.ctr(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        c.log_tail(30)
+    );
+    let a = probe_lines(&out);
+    eprintln!("given mappings in the guest: {a:?}");
+    assert_eq!(a[0], "0 300000 65536");
+    assert_eq!(a[1], "0 400000 65536");
+    assert_eq!(&a[2..4], ["0", "0"]);
+    assert_eq!(&a[4..7], ["0:0", "0:0", "0:0"]);
+    assert_eq!(a[8], "0:0");
+    assert!(a[9].contains("Operation not permitted"), "{}", a[9]);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}
+
+/// A CRI pod on the `tandem-vm` handler with `[userns] mode = "pod"`: the sandbox and two
+/// containers in one VM share one guest user namespace (same inode, same map), root inside is
+/// root of the image; the host pool has no range for the pod before or after teardown.
+#[test]
+fn cri_vm_pod_containers_share_one_guest_user_namespace() {
+    use std::collections::HashMap;
+    use tandem_tests::cri::{ContainerSpec, CriEnv, PodSpec};
+    let g = guest();
+    let _slot = vm_slot();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vm = format!(
+        "{}{}",
+        vm_toml(&g.kernel, &g.initrd, cache.path()),
+        userns_toml()
+    );
+    let mut env =
+        CriEnv::start_with_vm("mode = \"container\"\n", Some(&vm)).expect("containerd with CRI");
+    let name = unique_id("vmuspod");
+    let spec = PodSpec {
+        name: name.clone(),
+        handler: "tandem-vm".into(),
+        log_dir: env.net.dir().join("logs").join(&name),
+        cgroup_parent: format!("/tandemtest-{name}"),
+        annotations: HashMap::new(),
+    };
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    let mut ids = Vec::new();
+    for n in ["one", "two"] {
+        let c = env
+            .cri
+            .create_container(
+                &pod_id,
+                &pod_cfg,
+                &ContainerSpec {
+                    name: n.into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["sleep".into(), "1000".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("create {n}: {e}"));
+        env.cri.start_container(&c).expect("start");
+        ids.push(c);
+    }
+    let ns = "k8s.io";
+    assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
+    let mut seen = Vec::new();
+    for c in &ids {
+        let r = env
+            .cri
+            .exec_sync(c, &["sh", "-c", USERNS_PROBE])
+            .expect("ExecSync");
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{out}\n{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let a = probe_lines(&out);
+        eprintln!("container {c}: {a:?}");
+        assert_eq!(a[0], GUEST_USERNS);
+        assert_eq!(&a[2..4], ["0", "0"]);
+        assert_eq!(&a[4..7], ["0:0", "0:0", "0:0"]);
+        assert!(a[9].contains("Operation not permitted"), "{}", a[9]);
+        seen.push((a[0].clone(), a[7].clone()));
+    }
+    assert_eq!(seen[0], seen[1], "both containers in one user namespace");
+    let vms = tandem_qemus();
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let qemu = vms[0].0;
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(qemu, Duration::from_secs(5));
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
+}

@@ -237,6 +237,7 @@ pub struct Containers {
     bundles: PathBuf,
     reaper: Reaper,
     entries: Mutex<HashMap<String, Entry>>,
+    pod_userns: crate::userns::PodUserns,
 }
 
 fn validate_id(kind: &str, id: &str) -> VResult<()> {
@@ -270,6 +271,8 @@ fn parse_options(opts: &[String]) -> (MsFlags, String) {
             "nodev" => flags |= MsFlags::MS_NODEV,
             "noexec" => flags |= MsFlags::MS_NOEXEC,
             "noatime" => flags |= MsFlags::MS_NOATIME,
+            // the agent's own: idmapped with the container's user namespace (crate::userns)
+            "idmap" => {}
             other => data.push(other.to_string()),
         }
     }
@@ -371,6 +374,99 @@ fn inside(base: &Path, rel: &str) -> VResult<PathBuf> {
         ));
     }
     Ok(base.join(p))
+}
+
+/// The container's user namespace as far as its rootfs mounts are concerned: an fd to idmap
+/// the mounts marked `idmap` with (when there are any), and the guest IDs of its root.
+type RootfsUserns = Option<(Option<OwnedFd>, Option<(u32, u32)>)>;
+
+impl Containers {
+    /// Make or check the pod's user namespace when the spec asks for it (crate::userns), and
+    /// what the rootfs mounts need of the container's user namespace.
+    fn userns_for(
+        &self,
+        id: &str,
+        spec: &tandem_oci::Spec,
+        rootfs: &[MountReq],
+    ) -> VResult<RootfsUserns> {
+        use crate::userns::{of_spec, open, POD_USERNS};
+        let idmapped: Vec<&MountReq> = rootfs
+            .iter()
+            .filter(|m| m.options.iter().any(|o| o == "idmap"))
+            .collect();
+        let bad = |msg: String| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: {msg}"),
+            )
+        };
+        let Some(u) = of_spec(spec) else {
+            if let Some(m) = idmapped.first() {
+                return Err(bad(format!(
+                    "rootfs mount {} on {} has the option idmap, but linux.namespaces has no user namespace",
+                    m.source, m.target
+                )));
+            }
+            return Ok(None);
+        };
+        if u.path.as_deref() == Some(POD_USERNS) {
+            self.pod_userns
+                .ensure(Path::new(POD_USERNS), &u)
+                .map_err(&bad)?;
+        }
+        let fd = if idmapped.is_empty() {
+            None
+        } else {
+            if u.uid.is_empty() || u.gid.is_empty() {
+                return Err(bad(format!(
+                    "rootfs mount {} has the option idmap: the user namespace needs linux.uidMappings and linux.gidMappings",
+                    idmapped[0].target
+                )));
+            }
+            Some(open(&u).map_err(&bad)?)
+        };
+        Ok(Some((fd, u.root())))
+    }
+}
+
+/// Idmap the image layer just mounted at `target` with the container's user namespace, unless
+/// its root is already owned by the container's root (a chown'ed copy).
+fn idmap_layer(id: &str, target: &Path, ns: &OwnedFd, root: Option<(u32, u32)>) -> VResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(target).map_err(|e| {
+        verr(
+            ttrpc::Code::INTERNAL,
+            format!("container {id}: {}: {e}", target.display()),
+        )
+    })?;
+    if root == Some((meta.uid(), meta.gid())) {
+        return Ok(());
+    }
+    crate::userns::idmap_in_place(target, ns).map_err(|e| {
+        verr(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("container {id}: {e}"),
+        )
+    })
+}
+
+/// Give the overlay's upper directory (its root inode: `/` of the container) to the
+/// container's root. Files written later are owned by whoever writes them.
+fn own_upper_dir(bundle: &Path, options: &[String], (uid, gid): (u32, u32)) -> VResult<()> {
+    for o in options.iter().flat_map(|o| o.split(',')) {
+        if let Some(dir) = o.strip_prefix("upperdir=") {
+            let p = Path::new(dir);
+            if p.starts_with(bundle) {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| {
+                    verr(
+                        ttrpc::Code::INTERNAL,
+                        format!("chown {} to {uid}:{gid}: {e}", p.display()),
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pipe() -> VResult<(File, File)> {
@@ -479,6 +575,7 @@ impl Containers {
             bundles: root.join("bundles"),
             reaper,
             entries: Mutex::new(HashMap::new()),
+            pod_userns: Default::default(),
         }
     }
 
@@ -537,6 +634,7 @@ impl Containers {
                 format!("container {id}: config.json: {e}"),
             )
         })?;
+        let userns = self.userns_for(id, &spec, rootfs)?;
         let bundle = self.bundles.join(id);
         std::fs::create_dir_all(&self.bundles).map_err(|e| {
             verr(
@@ -564,6 +662,9 @@ impl Containers {
                 })?;
                 if m.fstype == "overlay" {
                     make_overlay_dirs(&bundle, &m.options)?;
+                    if let Some((_, Some(root))) = &userns {
+                        own_upper_dir(&bundle, &m.options, *root)?;
+                    }
                 }
                 let (flags, data) = parse_options(&m.options);
                 let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
@@ -599,6 +700,11 @@ impl Containers {
                     )
                 })?;
                 mounts.push(target);
+                if let (true, Some((Some(ns), root))) =
+                    (m.options.iter().any(|o| o == "idmap"), &userns)
+                {
+                    idmap_layer(id, mounts.last().expect("just pushed"), ns, *root)?;
+                }
             }
             let config = serde_json::to_vec(&spec).map_err(|e| {
                 verr(

@@ -21,6 +21,7 @@ pub mod network;
 pub mod port;
 pub mod reaper;
 pub mod server;
+pub mod userns;
 
 /// Generated protobuf messages and sync ttrpc client/server of `proto/agent.proto`.
 #[allow(

@@ -704,6 +704,9 @@ pub struct VmPod {
     record: Mutex<Option<VmRecord>>,
     containers: Arc<Mutex<HashMap<String, Arc<Ctr>>>>,
     creating: Mutex<HashSet<String>>,
+    /// `[userns] mode = "pod"`: the containers run in the pod's user namespace in the guest
+    /// (spec::guest_userns); no host ID range is taken.
+    userns_pod: bool,
 }
 
 fn not_found_finished() -> Error {
@@ -728,6 +731,7 @@ impl VmPod {
             record: Mutex::new(None),
             containers: Arc::new(Mutex::new(HashMap::new())),
             creating: Mutex::new(HashSet::new()),
+            userns_pod: config.userns.mode == crate::config::UsernsMode::Pod,
         })
     }
 
@@ -1023,8 +1027,10 @@ impl VmPod {
         // host files for the guest read and checked before anything is made
         let guest_bundle = format!("{GUEST_BUNDLES}/{id}");
         let (hs, hb, gid) = (host_spec.clone(), opts.bundle.clone(), id.clone());
-        let guest = blocking(move || spec::guest_spec_with_files(hs, &gid, &hb, &guest_bundle))
+        let mut guest = blocking(move || spec::guest_spec_with_files(hs, &gid, &hb, &guest_bundle))
             .await?
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        spec::guest_userns(&host_spec, &mut guest.spec, self.userns_pod)
             .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
         let pod = self
             .record
@@ -1122,7 +1128,12 @@ impl VmPod {
                 fstype: "erofs".into(),
                 source: format!("serial:{s}"),
                 target: format!("layers/{i}"),
-                options: vec!["ro".into()],
+                // idmapped in the guest with the container's user namespace (the agent's option)
+                options: if spec::in_pod_userns(&guest.spec) {
+                    vec!["ro".into(), "idmap".into()]
+                } else {
+                    vec!["ro".into()]
+                },
             })
             .collect();
         let lower: Vec<String> = (0..serials.len())

@@ -239,6 +239,34 @@ fn shm_tmpfs(m: &Value, host: &Path, mountinfo: &str) -> Value {
     json!({"destination": m["destination"], "type": "tmpfs", "source": "shm", "options": options})
 }
 
+/// The hostname of a container that joins its sandbox's UTS namespace: the content of the file
+/// bound on `/etc/hostname` (CRI writes the pod's hostname there), else `HOSTNAME` of the
+/// process env; only a plausible name (1-64 bytes of `[A-Za-z0-9.-]`).
+fn pod_hostname(guest: &Value, files: &[GuestFile]) -> Option<String> {
+    let ok = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 64
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    let from_file = guest["mounts"].as_array().and_then(|ms| {
+        let m = ms
+            .iter()
+            .find(|m| m["destination"] == "/etc/hostname" && m["type"] == "bind")?;
+        let name = m["source"].as_str()?.rsplit('/').next()?;
+        let f = files.iter().find(|f| f.path == name)?;
+        Some(String::from_utf8_lossy(&f.content).trim().to_string())
+    });
+    let from_env = || {
+        guest["process"]["env"].as_array().and_then(|env| {
+            env.iter()
+                .filter_map(Value::as_str)
+                .find_map(|e| e.strip_prefix("HOSTNAME="))
+                .map(str::to_string)
+        })
+    };
+    from_file.filter(|h| ok(h)).or_else(|| from_env().filter(|h| ok(h)))
+}
+
 /// [`guest_spec`], with the bind mounts of host paths turned into what the guest can have (see
 /// the module doc): the files to copy are read here and checked against the limits. Relative
 /// bind sources are taken from `host_bundle`; `guest_bundle` is the container's bundle in the
@@ -314,14 +342,90 @@ pub fn guest_spec_with_files(
             });
         }
     }
+    let joins_uts = spec["linux"]["namespaces"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|n| n["type"] == "uts" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
+    });
     let (mut spec, _) = guest_spec(spec, id);
     if mounts.is_some() {
         spec["mounts"] = Value::Array(out);
+    }
+    if joins_uts && spec["hostname"].as_str().is_none_or(str::is_empty) {
+        // the guest cannot join the sandbox's UTS namespace by host path: the new one gets the
+        // pod's hostname (CRI: the file bound on /etc/hostname, else HOSTNAME in the env)
+        if let Some(h) = pod_hostname(&spec, &files) {
+            spec["hostname"] = Value::String(h);
+        }
     }
     Ok(GuestSpec {
         spec,
         files,
         dropped,
+    })
+}
+
+/// First guest ID of the range a VM pod's user namespace maps its root to with `[userns] mode =
+/// "pod"`. The guest has an ID space of its own (the VM is the isolation boundary), so every VM
+/// pod uses the same range and nothing is taken from the host's pool.
+pub const GUEST_USERNS_BASE: u32 = 100_000;
+/// IDs in that range (as a container-mode pod's).
+pub const GUEST_USERNS_SIZE: u32 = 65_536;
+
+/// The user namespace of a VM pod's container in the guest (docs/userns.md, "VM mode"): when the
+/// host spec has one (a user namespace or mappings, e.g. containerd 2.x for CRI `hostUsers:
+/// false`), its mappings are used as given, as guest IDs; else with the pod policy (`pod`), the
+/// container's root maps to [`GUEST_USERNS_BASE`]. Either way the guest spec joins the pod's one
+/// user namespace the agent keeps at [`tandem_agent::userns::POD_USERNS`] (made by the pod's
+/// first container, with these mappings; the others must state the same). Returns whether the
+/// container runs in it. A host user namespace joined by path without stated mappings cannot
+/// be carried into the guest: an error naming it.
+pub fn guest_userns(host: &Value, guest: &mut Value, pod_policy: bool) -> Result<bool, String> {
+    let linux = &host["linux"];
+    let user_ns = linux["namespaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["type"] == "user"));
+    let given =
+        user_ns.is_some() || !linux["uidMappings"].is_null() || !linux["gidMappings"].is_null();
+    let nonempty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+    let (uid, gid) = if given {
+        if !nonempty(&linux["uidMappings"]) || !nonempty(&linux["gidMappings"]) {
+            let path = user_ns
+                .and_then(|n| n["path"].as_str())
+                .map(|p| format!(" (joined by host path {p})"))
+                .unwrap_or_default();
+            return Err(format!(
+                "linux.namespaces: a user namespace{path} needs linux.uidMappings and \
+                 linux.gidMappings in VM mode: the guest makes the pod's user namespace from \
+                 them, it cannot join a host namespace"
+            ));
+        }
+        (linux["uidMappings"].clone(), linux["gidMappings"].clone())
+    } else if pod_policy {
+        let m = json!([{"containerID": 0, "hostID": GUEST_USERNS_BASE, "size": GUEST_USERNS_SIZE}]);
+        (m.clone(), m)
+    } else {
+        return Ok(false);
+    };
+    if !guest["linux"].is_object() {
+        guest["linux"] = json!({});
+    }
+    let g = &mut guest["linux"];
+    if !g["namespaces"].is_array() {
+        g["namespaces"] = json!([]);
+    }
+    let ns = g["namespaces"].as_array_mut().expect("an array");
+    ns.retain(|n| n["type"] != "user");
+    ns.push(json!({"type": "user", "path": tandem_agent::userns::POD_USERNS}));
+    g["uidMappings"] = uid;
+    g["gidMappings"] = gid;
+    Ok(true)
+}
+
+/// Whether a guest spec runs in the pod's user namespace ([`guest_userns`]).
+pub fn in_pod_userns(guest: &Value) -> bool {
+    guest["linux"]["namespaces"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|n| n["type"] == "user" && n["path"] == tandem_agent::userns::POD_USERNS)
     })
 }
 
@@ -494,6 +598,33 @@ mod tests {
         assert!(g.spec.get("mounts").is_none() && g.files.is_empty());
     }
 
+    /// A CRI container joins the sandbox's UTS namespace by host path and has no hostname of
+    /// its own; in the guest its new UTS namespace gets the pod's name.
+    #[test]
+    fn a_container_joining_the_sandbox_uts_gets_the_pod_hostname() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("hostname"), "pod-a\n").unwrap();
+        let spec = |mounts: Value, env: Value, uts_path: &str| {
+            json!({
+                "process": {"args": ["sh"], "env": env},
+                "mounts": mounts,
+                "linux": {"namespaces": [{"type": "uts", "path": uts_path}]}
+            })
+        };
+        let hostname_bind = json!([{"destination": "/etc/hostname", "type": "bind",
+            "source": t.path().join("hostname"), "options": ["rbind", "ro"]}]);
+        let env = json!(["PATH=/bin", "HOSTNAME=from-env"]);
+        let g = |s: Value| guest_spec_with_files(s, "c1", t.path(), "/b").unwrap().spec;
+        let s1 = g(spec(hostname_bind.clone(), env.clone(), "/proc/42/ns/uts"));
+        assert_eq!(s1["hostname"], "pod-a");
+        assert_eq!(s1["linux"]["namespaces"], json!([{"type": "uts"}]));
+        assert_eq!(g(spec(json!([]), env.clone(), "/proc/42/ns/uts"))["hostname"], "from-env");
+        // a new UTS namespace of its own (the sandbox): its spec's hostname, nothing added
+        assert!(g(spec(hostname_bind, env, ""))["hostname"].is_null());
+        let bad = json!(["HOSTNAME=bad name;"]);
+        assert!(g(spec(json!([]), bad, "/proc/42/ns/uts"))["hostname"].is_null());
+    }
+
     #[test]
     fn shm_of_a_host_tmpfs_keeps_its_size() {
         // /dev/shm of the machine the test runs on is a tmpfs mount point
@@ -552,5 +683,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("in all"), "{e}");
+    }
+
+    #[test]
+    fn userns_by_policy_given_or_refused() {
+        use tandem_agent::userns::POD_USERNS;
+        let host = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
+        let mut g = host.clone();
+        // no policy, nothing given: unchanged
+        assert!(!guest_userns(&host, &mut g, false).unwrap());
+        assert_eq!(g, host);
+        assert!(!in_pod_userns(&g));
+        // policy: the guest range, joined by the pod's path
+        assert!(guest_userns(&host, &mut g, true).unwrap());
+        assert!(in_pod_userns(&g));
+        assert_eq!(
+            g["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}, {"type": "user", "path": POD_USERNS}])
+        );
+        let m = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        assert_eq!(g["linux"]["uidMappings"], m);
+        assert_eq!(g["linux"]["gidMappings"], m);
+        // given mappings win over the policy; a host path is replaced by the pod's
+        let host = json!({"linux": {
+            "namespaces": [{"type": "user", "path": "/proc/42/ns/user"}],
+            "uidMappings": [{"containerID": 0, "hostID": 300000, "size": 65536}],
+            "gidMappings": [{"containerID": 0, "hostID": 400000, "size": 65536}]}});
+        let (mut g, _) = guest_spec(host.clone(), "c1");
+        assert!(guest_userns(&host, &mut g, true).unwrap());
+        assert_eq!(
+            g["linux"]["namespaces"],
+            json!([{"type": "user", "path": POD_USERNS}])
+        );
+        assert_eq!(g["linux"]["uidMappings"][0]["hostID"], 300000);
+        assert_eq!(g["linux"]["gidMappings"][0]["hostID"], 400000);
+        // a host user namespace without mappings cannot be carried over
+        let host = json!({"linux": {"namespaces": [{"type": "user", "path": "/proc/42/ns/user"}]}});
+        let mut g = json!({});
+        let e = guest_userns(&host, &mut g, true).unwrap_err();
+        assert!(
+            e.contains("/proc/42/ns/user") && e.contains("linux.uidMappings"),
+            "{e}"
+        );
+        assert_eq!(g, json!({}), "nothing changed");
     }
 }
