@@ -148,6 +148,10 @@ pub struct VmSection {
     /// Where per-layer erofs images are cached.
     #[serde(default = "default_layer_cache")]
     pub layer_cache: PathBuf,
+    /// Size bound of `layer_cache` in MiB: at pod delete the least recently used images that no
+    /// running VM (of any shim) has attached are removed until the cache fits. 0: unbounded.
+    #[serde(default = "default_layer_cache_max_mb")]
+    pub layer_cache_max_mb: u64,
     /// Where each pod's VM keeps its sockets, console log and disk images.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
@@ -189,6 +193,9 @@ fn default_call_timeout() -> u64 {
 fn default_layer_cache() -> PathBuf {
     PathBuf::from("/var/lib/tandem/layers")
 }
+fn default_layer_cache_max_mb() -> u64 {
+    4096
+}
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/tandem-vm")
 }
@@ -208,6 +215,7 @@ impl Default for VmSection {
             boot_timeout_s: default_boot_timeout(),
             call_timeout_s: default_call_timeout(),
             layer_cache: default_layer_cache(),
+            layer_cache_max_mb: default_layer_cache_max_mb(),
             run_dir: default_run_dir(),
         }
     }

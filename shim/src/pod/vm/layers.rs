@@ -8,7 +8,15 @@
 //! under `[vm] layer_cache`, keyed by the snapshot directory's path, inode and change time; a
 //! directory that may still change (the bind of an active snapshot, a `--rootfs` directory) gets
 //! an image of its own in the pod's run directory, removed with the container. Blocking.
+//!
+//! The cache is bounded ([`gc`], `[vm] layer_cache_max_mb`): every use of a cached image touches
+//! its mtime (LRU order) and takes a shared `flock` on it ([`CachedImage::lock`]), held while a
+//! VM has the image attached; the collector takes each candidate with `LOCK_EX|LOCK_NB`, so an
+//! image any running VM of any shim uses is never removed. A user that opened an image the
+//! collector unlinked meanwhile sees the path's inode changed and makes it again.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,22 +163,136 @@ pub fn mkfs(dir: &Path, out: &Path) -> Result<(), Error> {
     })
 }
 
-/// The image of a layer: from the cache (made on first use) or a private one at
-/// `<private_dir>/<name>`.
-pub fn image(layer: &Layer, cache: &Path, private: &Path) -> Result<PathBuf, Error> {
-    match layer {
-        Layer::Committed(dir) => {
-            let out = cache.join(cache_key(dir)?);
-            if !out.exists() {
-                mkfs(dir, &out)?;
-            }
-            Ok(out)
+/// An image ready to attach; a cached one carries the shared lock that keeps [`gc`] off it.
+#[derive(Debug)]
+pub struct CachedImage {
+    pub path: PathBuf,
+    /// `LOCK_SH` on the cached image; drop it when no VM of this shim uses the image any more.
+    pub lock: Option<File>,
+}
+
+fn flock(f: &File, op: i32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on an open fd.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
         }
-        Layer::Private(dir) => {
-            mkfs(dir, private)?;
-            Ok(private.to_path_buf())
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
+}
+
+/// Whether `f` is (still) the file at `path`: the collector may have unlinked it after we opened it.
+fn same_file(f: &File, path: &Path) -> bool {
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Open the cached image at `out` under a shared lock, making it first when missing; touches its
+/// mtime (the LRU order of [`gc`]).
+fn cached(dir: &Path, out: &Path) -> Result<CachedImage, Error> {
+    for _ in 0..5 {
+        if !out.exists() {
+            mkfs(dir, out)?;
+        }
+        let f = match File::open(out) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(out.display(), format!("open: {e}"))),
+        };
+        flock(&f, libc::LOCK_SH).map_err(|e| err(out.display(), format!("flock: {e}")))?;
+        if !same_file(&f, out) {
+            continue; // collected between open and lock
+        }
+        if let Err(e) = f.set_modified(std::time::SystemTime::now()) {
+            tracing::debug!("touch {}: {e}", out.display());
+        }
+        return Ok(CachedImage {
+            path: out.to_path_buf(),
+            lock: Some(f),
+        });
+    }
+    Err(err(
+        out.display(),
+        "removed by the cache collector again and again while being used",
+    ))
+}
+
+/// The image of a layer: from the cache (made on first use, locked shared) or a private one at
+/// `<private_dir>/<name>`.
+pub fn image(layer: &Layer, cache: &Path, private: &Path) -> Result<CachedImage, Error> {
+    match layer {
+        Layer::Committed(dir) => cached(dir, &cache.join(cache_key(dir)?)),
+        Layer::Private(dir) => {
+            mkfs(dir, private)?;
+            Ok(CachedImage {
+                path: private.to_path_buf(),
+                lock: None,
+            })
+        }
+    }
+}
+
+/// What one [`gc`] pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Images removed, oldest first.
+    pub removed: Vec<PathBuf>,
+    /// Bytes of images left in the cache.
+    pub left_bytes: u64,
+    /// Images kept over the bound because a VM uses them.
+    pub busy: usize,
+}
+
+/// Remove least recently used cached images (`*.erofs`, oldest mtime first) that no VM holds
+/// (a shared lock, see [`CachedImage`]) until the cache holds at most `max_bytes`. Images in use
+/// are skipped whatever their age. Temp files of a `mkfs` in progress are left alone.
+pub fn gc(cache: &Path, max_bytes: u64) -> Result<GcReport, Error> {
+    let mut images = Vec::new();
+    let rd = match std::fs::read_dir(cache) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GcReport::default()),
+        Err(e) => return Err(err(cache.display(), format!("read dir: {e}"))),
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".erofs") {
+            continue;
+        }
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_file() {
+            images.push((md.mtime(), md.mtime_nsec(), md.len(), e.path()));
+        }
+    }
+    images.sort();
+    let mut total: u64 = images.iter().map(|i| i.2).sum();
+    let mut report = GcReport::default();
+    for (_, _, len, path) in images {
+        if total <= max_bytes {
+            break;
+        }
+        let Ok(f) = File::open(&path) else { continue };
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            report.busy += 1;
+            continue;
+        }
+        if !same_file(&f, &path) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                total -= len;
+                report.removed.push(path);
+            }
+            Err(e) => tracing::warn!("layer cache: remove {}: {e}", path.display()),
+        }
+    }
+    report.left_bytes = total;
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -267,7 +389,8 @@ mod tests {
             &cache,
             Path::new("/unused"),
         )
-        .unwrap();
+        .unwrap()
+        .path;
         assert!(a.starts_with(&cache));
         assert!(
             a.to_string_lossy().contains("snapshots_7_fs"),
@@ -284,11 +407,15 @@ mod tests {
             Path::new("/unused"),
         )
         .unwrap();
+        assert!(b.lock.is_some(), "a cached image is held");
+        let b = b.path;
         assert_eq!(a, b);
-        assert_eq!(std::fs::metadata(&b).unwrap().mtime(), md.mtime());
+        // made once: the same file (a use touches its mtime, the LRU order)
+        assert_eq!(std::fs::metadata(&b).unwrap().ino(), md.ino());
         let private = d.path().join("run/c1-0.erofs");
         let p = image(&Layer::Private(layer), &cache, &private).unwrap();
-        assert_eq!(p, private);
+        assert!(p.lock.is_none());
+        assert_eq!(p.path, private);
         assert!(private.exists());
         // no temp files left
         for dir in [&cache, &d.path().join("run")] {
@@ -305,5 +432,82 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/nonexistent/layer"), "{e}");
+    }
+
+    /// The cache is cut down to its bound oldest first; an image a VM (here: another open file
+    /// description, as another shim's would be) holds shared stays, however old; temp files stay.
+    #[test]
+    fn gc_removes_least_recently_used_unlocked_images() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        let mut imgs = Vec::new();
+        for i in 0..4 {
+            let layer = d.path().join(format!("snapshots/{i}/fs"));
+            std::fs::create_dir_all(&layer).unwrap();
+            std::fs::write(layer.join("f"), vec![b'x'; 64 << 10]).unwrap();
+            imgs.push(image(&Layer::Committed(layer), &cache, Path::new("/unused")).unwrap());
+        }
+        // LRU order: 0 oldest .. 3 newest (mtimes set apart)
+        let now = std::time::SystemTime::now();
+        for (i, im) in imgs.iter().enumerate() {
+            let t = now - std::time::Duration::from_secs(100 * (4 - i as u64));
+            File::options()
+                .write(true)
+                .open(&im.path)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let size = std::fs::metadata(&imgs[0].path).unwrap().len();
+        std::fs::write(cache.join(".x.erofs.1.2.tmp"), b"in progress").unwrap();
+        let paths: Vec<PathBuf> = imgs.iter().map(|i| i.path.clone()).collect();
+        // 1 is in use (its lock kept); the others' users are gone
+        let mut held = None;
+        for (i, im) in imgs.into_iter().enumerate() {
+            if i == 1 {
+                held = im.lock;
+            }
+        }
+        // unbounded enough: nothing goes
+        let r = gc(&cache, 4 * size).unwrap();
+        assert!(r.removed.is_empty(), "{r:?}");
+        // room for two: 0 goes (oldest), 1 is busy, 2 goes; 3 (newest) stays
+        let r = gc(&cache, 2 * size).unwrap();
+        assert_eq!(r.removed, vec![paths[0].clone(), paths[2].clone()]);
+        assert_eq!(r.busy, 1);
+        assert_eq!(r.left_bytes, 2 * size);
+        assert!(paths[1].exists() && paths[3].exists());
+        assert!(cache.join(".x.erofs.1.2.tmp").exists(), "temp file kept");
+        // nothing fits in 0 bytes but the busy one stays
+        let r = gc(&cache, 0).unwrap();
+        assert_eq!(r.removed, vec![paths[3].clone()]);
+        assert!(paths[1].exists());
+        drop(held);
+        let r = gc(&cache, 0).unwrap();
+        assert_eq!(r.removed, vec![paths[1].clone()]);
+        assert_eq!(r.left_bytes, 0);
+        // a missing cache dir is an empty one
+        assert_eq!(gc(&d.path().join("none"), 0).unwrap(), GcReport::default());
+    }
+
+    /// A cached image the collector removed while a user had it open but not yet locked is made
+    /// again: the user never attaches an unlinked file.
+    #[test]
+    fn an_image_collected_before_its_lock_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        let layer = d.path().join("snapshots/1/fs");
+        std::fs::create_dir_all(&layer).unwrap();
+        std::fs::write(layer.join("f"), b"x").unwrap();
+        let out = cache.join(cache_key(&layer).unwrap());
+        mkfs(&layer, &out).unwrap();
+        let old = std::fs::metadata(&out).unwrap().ino();
+        // a stale handle on the old file does not count as the cached image
+        let stale = File::open(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        assert!(!same_file(&stale, &out));
+        let im = image(&Layer::Committed(layer), &cache, Path::new("/unused")).unwrap();
+        assert!(same_file(im.lock.as_ref().unwrap(), &im.path));
+        assert_ne!(std::fs::metadata(&im.path).unwrap().ino(), old);
     }
 }

@@ -17,6 +17,7 @@
 //! it too ([`delete_after_crash`]). The QEMU pid is reported to containerd as every process's
 //! pid (the guest's pids mean nothing on the host).
 
+pub mod cgroup;
 pub mod layers;
 pub mod spec;
 pub mod topology;
@@ -129,7 +130,14 @@ pub struct VmRecord {
     /// The taps and tc filters made in it.
     #[serde(default)]
     pub net: Option<crate::net::PodNetwork>,
+    /// The pod's host cgroup the VMM runs in (relative to each hierarchy's root), written
+    /// before it is made.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
+
+/// Root of the host's cgroup hierarchies.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn record_path(state: &StateDir, pod: &str) -> PathBuf {
     // `+` is not allowed in containerd ids: no container's record is named like this
@@ -147,41 +155,15 @@ fn save_record(state: &StateDir, r: &VmRecord) -> std::io::Result<()> {
     std::fs::rename(&tmp, &path)
 }
 
-/// The pids of QEMU processes whose command line names `run_dir`.
-fn qemus_in(run_dir: &Path) -> Vec<u32> {
-    let needle = run_dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.contains("qemu"))
-            && args.iter().any(|a| a.contains(&format!("{needle}/")))
-        {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Remove what a record names: the QEMU process (checked to be that VM's), the taps, the run dir.
+/// Remove what a record names: the VMM process (checked to be that VM's, whichever backend), the
+/// taps, the pod cgroup, the run dir.
 fn remove_recorded(r: &VmRecord) {
-    let mut pids = qemus_in(&r.run_dir);
+    let mut pids = tandem_vmm::vmms_in(&r.run_dir);
     if r.vmm_pid > 0 && !pids.contains(&r.vmm_pid) {
         pids.push(r.vmm_pid);
     }
     for pid in pids {
-        match tandem_vmm::qemu::kill_by_pid(pid, &r.run_dir) {
+        match tandem_vmm::kill_recorded(pid, &r.run_dir) {
             Ok(true) => tracing::info!(pid, pod = r.pod, "killed the VM of a dead shim"),
             Ok(false) => {}
             Err(e) => tracing::warn!(pid, pod = r.pod, "kill VM: {e}"),
@@ -189,6 +171,11 @@ fn remove_recorded(r: &VmRecord) {
     }
     if let Some(net) = &r.net {
         if let Err(e) = crate::net::teardown(net) {
+            tracing::warn!(pod = r.pod, "{e}");
+        }
+    }
+    if let Some(rel) = &r.cgroup {
+        if let Err(e) = cgroup::remove_recorded(Path::new(CGROUP_ROOT), rel) {
             tracing::warn!(pod = r.pod, "{e}");
         }
     }
@@ -245,6 +232,7 @@ pub fn delete_after_crash(state: &StateDir, id: &str) {
         r.containers.retain(|c| c != id);
         r.vmm_pid = 0;
         r.net = None;
+        r.cgroup = None;
         let res = if r.containers.is_empty() {
             std::fs::remove_file(e.path())
         } else {
@@ -267,6 +255,8 @@ struct Vm {
     disks: Mutex<HashMap<PathBuf, (String, usize)>>,
     /// The pod network mirrored into the VM.
     net: Option<crate::net::PodNetwork>,
+    /// The pod's host cgroup the VMM runs in.
+    cgroup: Option<cgroup::PodCgroup>,
 }
 
 impl Vm {
@@ -328,12 +318,17 @@ impl Vm {
         if let Some(mut vm) = self.running.lock().expect("vm poisoned").take() {
             if let Err(e) = vm.stop() {
                 tracing::warn!(pid = self.pid, "stop VM: {e}");
-                let _ = tandem_vmm::qemu::kill_by_pid(self.pid, &self.run_dir);
+                let _ = tandem_vmm::kill_recorded(self.pid, &self.run_dir);
             }
         }
         if let Some(net) = &self.net {
             if let Err(e) = crate::net::teardown(net) {
                 tracing::warn!("{e}");
+            }
+        }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.remove() {
+                tracing::warn!(pid = self.pid, "{e}");
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
@@ -665,6 +660,8 @@ struct Ctr {
     images: Vec<PathBuf>,
     /// Its private images (removed at delete).
     private: Vec<PathBuf>,
+    /// Shared locks on its cached images: the layer cache's collector (of any shim) leaves them.
+    _image_locks: Vec<std::fs::File>,
 }
 
 impl Ctr {
@@ -785,6 +782,12 @@ impl VmPod {
         }
         let shape = topology::shape(spec, cfg, Path::new("/sys"))
             .map_err(|e| Error::InvalidArgument(format!("VM of pod {pod}: {e}")))?;
+        let cgroup_rel = cgroup::rel_path(
+            spec["linux"]["cgroupsPath"].as_str(),
+            &self.ctx.namespace,
+            pod,
+        )
+        .map_err(|e| Error::InvalidArgument(format!("VM of pod {pod}: linux.cgroupsPath: {e}")))?;
         let short: String = pod.chars().take(12).collect();
         let run_dir = cfg.run_dir.join(format!("{}-{short}", std::process::id()));
         let record = VmRecord {
@@ -795,6 +798,7 @@ impl VmPod {
             containers: vec![],
             netns: netns_of(spec),
             net: None,
+            cgroup: Some(cgroup_rel.clone()),
         };
         save_record(&self.ctx.state, &record)
             .map_err(|e| Error::Other(format!("VM record of pod {pod}: {e}")))?;
@@ -831,8 +835,12 @@ impl VmPod {
         let pod_id = pod.to_string();
         let net_slot: Arc<Mutex<Option<crate::net::PodNetwork>>> = Arc::new(Mutex::new(None));
         let net_made = net_slot.clone();
+        let cg_slot: Arc<Mutex<Option<cgroup::PodCgroup>>> = Arc::new(Mutex::new(None));
+        let cg_made = cg_slot.clone();
+        let cg_spec = spec.clone();
         let booted = blocking(move || -> Result<(Box<dyn RunningVm>, AgentClient)> {
             let mut vmcfg = vmcfg;
+            let mut qemu = qemu;
             let mut rec = record;
             std::fs::create_dir_all(&run_dir)
                 .map_err(|e| Error::Other(format!("mkdir {}: {e}", run_dir.display())))?;
@@ -848,6 +856,10 @@ impl VmPod {
                 vmcfg.netns = Some(ns);
                 *net_made.lock().expect("net poisoned") = Some(net);
             }
+            let cg = cgroup::PodCgroup::create(Path::new(CGROUP_ROOT), &cgroup_rel, &cg_spec)
+                .map_err(|e| Error::Other(format!("VM of pod {pod_id}: {e}")))?;
+            qemu.cgroups = cg.dirs();
+            *cg_made.lock().expect("cgroup poisoned") = Some(cg);
             let mut running = Qemu::new(qemu)
                 .start(&vmcfg)
                 .map_err(|e| Error::Other(format!("VM of pod {pod_id}: {e}")))?;
@@ -921,6 +933,7 @@ impl VmPod {
             dead: Arc::new(AtomicBool::new(false)),
             disks: Mutex::new(HashMap::new()),
             net,
+            cgroup: cg_slot.lock().expect("cgroup poisoned").take(),
         });
         self.watch_vm(&vm);
         *slot = Some(vm.clone());
@@ -1007,6 +1020,28 @@ impl VmPod {
             let _ = blocking(move || vm.teardown()).await;
         }
         self.drop_record();
+        self.collect_layer_cache().await;
+    }
+
+    /// Bound the layer cache (`[vm] layer_cache_max_mb`): least recently used images no VM holds.
+    async fn collect_layer_cache(&self) {
+        let max_mb = self.cfg.layer_cache_max_mb;
+        if max_mb == 0 {
+            return;
+        }
+        let cache = self.cfg.layer_cache.clone();
+        let r = blocking(move || layers::gc(&cache, max_mb.saturating_mul(1 << 20))).await;
+        match r {
+            Ok(Ok(r)) if !r.removed.is_empty() || r.busy > 0 => tracing::info!(
+                removed = r.removed.len(),
+                busy = r.busy,
+                left_bytes = r.left_bytes,
+                "layer cache collected"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("layer cache: {e}"),
+            Err(e) => tracing::warn!("layer cache: {e}"),
+        }
     }
 
     async fn create_inner(&self, opts: CreateOpts) -> Result<u32> {
@@ -1042,7 +1077,6 @@ impl VmPod {
         let vm = self.ensure_vm(&host_spec, &pod).await?;
         self.update_record(|r| r.containers.push(id.clone()));
         let r = self.make_container(&vm, &opts, host_spec, guest).await;
-
         match r {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -1072,14 +1106,16 @@ impl VmPod {
         let made = blocking(move || {
             let mut images = Vec::new();
             let mut private = Vec::new();
+            let mut locks = Vec::new();
             for (i, l) in plan.iter().enumerate() {
                 let own = run_dir.join(format!("{cid}-{i}.erofs"));
                 match layers::image(l, &cache, &own) {
                     Ok(img) => {
                         if matches!(l, layers::Layer::Private(_)) {
-                            private.push(img.clone());
+                            private.push(img.path.clone());
                         }
-                        images.push(img);
+                        locks.extend(img.lock);
+                        images.push(img.path);
                     }
                     Err(e) => {
                         for p in &private {
@@ -1089,10 +1125,10 @@ impl VmPod {
                     }
                 }
             }
-            Ok((images, private))
+            Ok((images, private, locks))
         })
         .await??;
-        let (images, private) = made;
+        let (images, private, image_locks) = made;
         let v = vm.clone();
         let imgs = images.clone();
         let attached = blocking(move || {
@@ -1174,7 +1210,6 @@ impl VmPod {
                 .create_container_with_files(&cid, &gspec, &mounts, &files, stdin)
         })
         .await?;
-
         let guest_pid = match created {
             Ok(p) => p,
             Err(e) => {
@@ -1193,6 +1228,7 @@ impl VmPod {
             paused: AtomicBool::new(false),
             images,
             private,
+            _image_locks: image_locks,
         });
         self.containers
             .lock()
@@ -1386,6 +1422,8 @@ impl Pod for VmPod {
             .remove(id);
         self.release(&vm, ctr.images.clone(), ctr.private.clone());
         self.update_record(|r| r.containers.retain(|c| c != id));
+        // its image locks go now: the layer cache collector of stop_if_empty may take them
+        drop(ctr);
         self.stop_if_empty().await;
         Ok(exit)
     }
@@ -1579,6 +1617,7 @@ mod tests {
             containers: vec!["pod1".into(), "c2".into()],
             netns: None,
             net: None,
+            cgroup: None,
         };
         save_record(&state, &r).unwrap();
         let path = record_path(&state, "pod1");
@@ -1592,5 +1631,37 @@ mod tests {
         assert_eq!(back.containers, vec!["pod1".to_string()]);
         delete_after_crash(&state, "pod1");
         assert!(!path.exists(), "record removed with its last container");
+    }
+
+    /// A dead shim's VM record names a real pod cgroup (every hierarchy of this host):
+    /// `delete` after the crash removes it.
+    #[test]
+    fn crash_cleanup_removes_the_pod_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path(), "ns1");
+        let rel = format!("tandem-unit-{}/pod1", std::process::id());
+        let cg = cgroup::PodCgroup::create(Path::new(CGROUP_ROOT), &rel, &serde_json::json!({}))
+            .unwrap();
+        let dirs = cg.dirs();
+        assert!(
+            !dirs.is_empty() && dirs.iter().all(|d| d.is_dir()),
+            "{dirs:?}"
+        );
+        let r = VmRecord {
+            pod: "pod1".into(),
+            shim_pid: u32::MAX - 1,
+            run_dir: tmp.path().join("run/1-pod1"),
+            containers: vec!["pod1".into()],
+            cgroup: Some(rel.clone()),
+            ..Default::default()
+        };
+        save_record(&state, &r).unwrap();
+        delete_after_crash(&state, "pod1");
+        let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+        for d in &dirs {
+            let _ = std::fs::remove_dir(d.parent().unwrap());
+        }
+        assert!(left.is_empty(), "cgroup dirs left: {left:?}");
+        assert!(!record_path(&state, "pod1").exists());
     }
 }
