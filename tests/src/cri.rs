@@ -164,6 +164,25 @@ impl Cri {
         Ok((id, config))
     }
 
+    /// RunPodSandbox with a config the test changed (e.g. `dns_config`) from
+    /// [`Cri::pod_config`]`(spec)`; returns the sandbox id.
+    pub fn run_pod_with_config(
+        &mut self,
+        spec: &PodSpec,
+        config: PodSandboxConfig,
+    ) -> Result<String> {
+        if !spec.cgroup_parent.is_empty() {
+            self.cgroup_parents.push(spec.cgroup_parent.clone());
+        }
+        let req = RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: spec.handler.clone(),
+        };
+        Ok(self
+            .call("RunPodSandbox", |c| Box::pin(c.run_pod_sandbox(req)))?
+            .pod_sandbox_id)
+    }
+
     pub fn pod_status(&mut self, id: &str) -> Result<PodSandboxStatus> {
         let req = PodSandboxStatusRequest {
             pod_sandbox_id: id.into(),

@@ -1034,3 +1034,521 @@ fn cri_vm_pod_containers_share_one_guest_user_namespace() {
     assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
     assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
 }
+
+/// Mount sources of a CRI container's spec as containerd wrote it (destination -> source).
+fn cri_mount_sources(c: &Containerd, id: &str) -> std::collections::HashMap<String, String> {
+    let o = Command::new("ctr")
+        .arg("-a")
+        .arg(&c.socket)
+        .args(["-n", "k8s.io", "containers", "info", id])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    info["Spec"]["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["destination"].as_str().unwrap_or_default().to_string(),
+                m["source"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A CRI pod under the `tandem-vm` handler with a DNS config: the container's /etc/hosts,
+/// /etc/resolv.conf and /etc/hostname in the guest are what containerd wrote on the host (the
+/// files its spec bind-mounts), the hostname is the pod's, /dev/shm is a tmpfs of the sandbox
+/// shm's size; UpdateContainerResources reaches the container's guest cgroup (memory.max,
+/// cpu.max), a cpuset in it (host-only in VM mode) is left out without failing the update.
+#[test]
+fn cri_vm_pod_has_host_files_and_updates_resources() {
+    use std::collections::HashMap;
+    use tandem_tests::cri::{
+        ContainerSpec, Cri, CriEnv, DnsConfig, LinuxContainerResources, PodSpec,
+    };
+    let g = guest();
+    let _slot = vm_slot();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mut env = CriEnv::start_with_vm(
+        "mode = \"container\"\n",
+        Some(&vm_toml(&g.kernel, &g.initrd, cache.path())),
+    )
+    .expect("containerd with CRI");
+    let name = unique_id("vmfiles");
+    let spec = PodSpec {
+        name: name.clone(),
+        handler: "tandem-vm".into(),
+        log_dir: env.net.dir().join("logs").join(&name),
+        cgroup_parent: format!("/tandemtest-{name}"),
+        annotations: HashMap::new(),
+    };
+    let mut pod_cfg = Cri::pod_config(&spec);
+    pod_cfg.dns_config = Some(DnsConfig {
+        servers: vec!["198.18.0.53".into()],
+        searches: vec!["tandem.test".into()],
+        options: vec!["ndots:2".into()],
+    });
+    let pod_id = env
+        .cri
+        .run_pod_with_config(&spec, pod_cfg.clone())
+        .expect("RunPodSandbox");
+    let cid = env
+        .cri
+        .create_container(
+            &pod_id,
+            &pod_cfg,
+            &ContainerSpec {
+                name: "app".into(),
+                image: BUSYBOX.into(),
+                command: vec!["sleep".into(), "1000".into()],
+                memory_limit: 64 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("CreateContainer");
+    env.cri.start_container(&cid).expect("StartContainer");
+    let sh = |cri: &mut Cri, cmd: &str| {
+        let r = cri.exec_sync(&cid, &["sh", "-c", cmd]).expect("ExecSync");
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{cmd}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+    assert_eq!(
+        sh(&mut env.cri, "uname -r").trim(),
+        g.release,
+        "runs in the guest"
+    );
+
+    let sources = cri_mount_sources(&env.containerd, &cid);
+    for dest in ["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"] {
+        let src = sources
+            .get(dest)
+            .unwrap_or_else(|| panic!("no {dest} mount in the spec: {sources:?}"));
+        let host = std::fs::read_to_string(src).unwrap();
+        assert!(!host.is_empty(), "{src} is empty");
+        assert_eq!(
+            sh(&mut env.cri, &format!("cat {dest}")),
+            host,
+            "{dest} in the guest vs {src}"
+        );
+    }
+    let resolv = sh(&mut env.cri, "cat /etc/resolv.conf");
+    for want in [
+        "nameserver 198.18.0.53",
+        "search tandem.test",
+        "options ndots:2",
+    ] {
+        assert!(resolv.contains(want), "{want} in {resolv:?}");
+    }
+    assert_eq!(sh(&mut env.cri, "hostname").trim(), name);
+    assert_eq!(sh(&mut env.cri, "cat /etc/hostname").trim(), name);
+    let shm = sh(&mut env.cri, "grep ' /dev/shm ' /proc/mounts");
+    assert!(
+        shm.starts_with("shm /dev/shm tmpfs ") && shm.contains("size=65536k"),
+        "{shm}"
+    );
+
+    // the container's cgroup in the guest (cgroup2 there)
+    let cg = "/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)";
+    assert_eq!(
+        sh(&mut env.cri, &format!("cat {cg}/memory.max")).trim(),
+        "67108864"
+    );
+    env.cri
+        .update_resources(
+            &cid,
+            LinuxContainerResources {
+                memory_limit_in_bytes: 128 << 20,
+                cpu_quota: 50000,
+                cpu_period: 100000,
+                cpu_shares: 512,
+                cpuset_cpus: "0".into(),
+                ..Default::default()
+            },
+        )
+        .expect("UpdateContainerResources");
+    assert_eq!(
+        sh(&mut env.cri, &format!("cat {cg}/memory.max")).trim(),
+        "134217728"
+    );
+    assert_eq!(
+        sh(&mut env.cri, &format!("cat {cg}/cpu.max")).trim(),
+        "50000 100000"
+    );
+    let st = env.cri.container_stats(&cid).expect("ContainerStats");
+    assert!(st.memory.is_some(), "{st:?}");
+
+    let qemu = tandem_qemus();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(qemu[0].0, Duration::from_secs(5));
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}
+
+/// `ctr run --mount type=bind,src=<file>,...` in a VM: the file's bytes are in the guest,
+/// read-only as asked; a directory bind is left out (logged); a file over the copy limit fails
+/// create at once, naming it, before any VM is booted, and leaves nothing.
+#[test]
+fn ctr_run_mount_of_a_host_file_in_a_vm() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let c = &env.c;
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-vmmount-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let file = dir.path().join("greeting.conf");
+    std::fs::write(&file, "hello from the host\nline 2\n").unwrap();
+    let sub = dir.path().join("data");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("inside"), "x").unwrap();
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'b'; 64 * 1024 + 1]).unwrap();
+    let rt = runtime();
+    let mnt = |src: &Path, dst: &str, opts: &str| {
+        format!("type=bind,src={},dst={dst},options={opts}", src.display())
+    };
+
+    let id = unique_id("vmbig");
+    let big_m = mnt(&big, "/big", "rbind:ro");
+    let mut args = vec!["run", "--rm", "--runtime", &rt];
+    args.extend(env.args(&["--mount", &big_m]));
+    args.extend([BUSYBOX, id.as_str(), "true"]);
+    let started = Instant::now();
+    let o = c.ctr(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&big.display().to_string())
+            && err.contains("/big")
+            && err.contains("65537 bytes"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "refused before booting: {:?}",
+        started.elapsed()
+    );
+    let _ = c.ctr(&["container", "rm", &id]);
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+
+    let id = unique_id("vmmount");
+    let file_m = mnt(&file, "/etc/greeting.conf", "rbind:ro");
+    let dir_m = mnt(&sub, "/data", "rbind");
+    let mut args = vec!["run", "--rm", "--runtime", &rt];
+    args.extend(env.args(&["--mount", &file_m, "--mount", &dir_m]));
+    args.extend([
+        BUSYBOX,
+        id.as_str(),
+        "sh",
+        "-c",
+        "cat /etc/greeting.conf; (echo more >> /etc/greeting.conf) 2>/dev/null && echo writable || echo read-only; \
+         ls /data/inside 2>/dev/null || echo no-dir; uname -r",
+    ]);
+    let o = c.ctr(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        out,
+        format!(
+            "hello from the host\nline 2\nread-only\nno-dir\n{}\n",
+            guest().release
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "hello from the host\nline 2\n",
+        "host file unchanged"
+    );
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}
+
+// ---- user namespaces in VM pods (issue 4): docs/userns.md, "VM mode" ----
+
+/// The guest range a VM pod's root maps to with `[userns] mode = "pod"` (shim spec.rs).
+const GUEST_USERNS: &str = "0 100000 65536";
+const IDMAP_FILE: &str = "/run/containerd-tandem/idmap/idmap.json";
+
+/// `[userns]` of the VM userns tests: a pool no other test uses, so that a range taken for a VM
+/// pod would show (none must be).
+fn userns_toml() -> String {
+    format!(
+        "[userns]\nmode = \"pod\"\npool_start = {}\npool_size = {}\n",
+        USERNS_POOL,
+        4 * 65536
+    )
+}
+const USERNS_POOL: u64 = 1_700_000_000;
+
+/// Host allocations of the idmap pool that name `pod` or lie in the VM tests' pool.
+fn host_ranges_of(ns: &str, pod: &str) -> Vec<String> {
+    let Ok(text) = std::fs::read(IDMAP_FILE) else {
+        return vec![];
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).expect("idmap.json is JSON");
+    v["allocations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, r)| {
+            let start = r["start"].as_u64().unwrap_or(0);
+            *k == &format!("{ns}/{pod}") || (USERNS_POOL..USERNS_POOL + 4 * 65536).contains(&start)
+        })
+        .map(|(k, r)| format!("{k}: {r}"))
+        .collect()
+}
+
+/// A VM-mode containerd with `extra` appended to the tandem config.
+fn env_with(extra: &str) -> Env {
+    let g = guest();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let toml = format!("{}{extra}", vm_toml(&g.kernel, &g.initrd, cache.path()));
+    let c = Containerd::start(Some(&toml)).expect("start containerd");
+    c.import_busybox();
+    let cfg = c
+        .runtime_config
+        .as_ref()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    Env {
+        c,
+        cfg,
+        _cache: cache,
+    }
+}
+
+/// What a process in the guest container sees of its user namespace and rootfs.
+const USERNS_PROBE: &str = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; \
+     stat -c %u:%g /bin/busybox /etc/passwd /; readlink /proc/self/ns/user; \
+     touch /made-by-root && stat -c %u:%g /made-by-root; \
+     mknod /dev/tandem-null c 1 3 2>&1 && echo mknod-ok; true";
+
+fn probe_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// `[userns] mode = "pod"` with `ctr run`: the container in the guest is root of a user
+/// namespace mapped to the guest range (not the identity map), the image's root-owned files are
+/// root's (idmapped erofs layers), a file it writes is root's, and creating a device node —
+/// which needs CAP_MKNOD in the guest's initial user namespace — is refused; no host range is
+/// taken from the pool at any time, and nothing is left after delete.
+#[test]
+fn vm_pod_userns_maps_root_to_a_guest_range_without_a_host_range() {
+    let _slot = vm_slot();
+    let env = env_with(&userns_toml());
+    let c = &env.c;
+    let id = unique_id("vmuserns");
+    let rt = runtime();
+    let mut args = vec!["run", "-d", "--runtime", &rt];
+    args.extend(env.args(&[]));
+    args.extend([BUSYBOX, id.as_str(), "sleep", "1000"]);
+    let o = c.ctr(&args);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        c.log_tail(30)
+    );
+    c.wait_task_status(&id, "RUNNING", Duration::from_secs(10));
+    let pid = c.task_pid(&id);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    let run = |eid: &str| {
+        let o = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            eid,
+            &id,
+            "sh",
+            "-c",
+            USERNS_PROBE,
+        ]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        probe_lines(&out)
+    };
+    let a = run("p1");
+    eprintln!("userns probe in the guest: {a:?}");
+    assert_eq!(a[0], GUEST_USERNS, "uid_map");
+    assert_eq!(a[1], GUEST_USERNS, "gid_map");
+    assert_ne!(a[0], "0 0 4294967295");
+    assert_eq!(&a[2..4], ["0", "0"], "id -u, id -g");
+    assert_eq!(
+        &a[4..7],
+        ["0:0", "0:0", "0:0"],
+        "/bin/busybox, /etc/passwd and / are root's inside"
+    );
+    assert!(a[7].starts_with("user:["), "{}", a[7]);
+    assert_eq!(a[8], "0:0", "a file root writes is root's");
+    assert!(
+        a[9].contains("Operation not permitted"),
+        "root of the pod is not root of the guest: {}",
+        a[9]
+    );
+    // the init (sleep) is in the same user namespace as the execs
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "p2",
+        &id,
+        "readlink",
+        "/proc/1/ns/user",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), a[7]);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    c.wait_task_status(&id, "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "rm", &id]);
+    wait_no_qemu(pid, Duration::from_secs(10));
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+}
+
+/// Mappings already in the spec (`ctr run --uidmap/--gidmap`, userns policy off) are the guest
+/// user namespace's, as given; ctr's chown'ed snapshot layer is used as it is, the image layers
+/// under it idmapped: busybox is root's inside. No host range.
+#[test]
+fn vm_given_mappings_are_used_in_the_guest() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let c = &env.c;
+    let id = unique_id("vmgiven");
+    let rt = runtime();
+    let mut args = vec!["run", "--rm", "--runtime", &rt];
+    args.extend(env.args(&["--uidmap", "0:300000:65536", "--gidmap", "0:400000:65536"]));
+    args.extend([BUSYBOX, id.as_str(), "sh", "-c", USERNS_PROBE]);
+    let o = c.ctr(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        c.log_tail(30)
+    );
+    let a = probe_lines(&out);
+    eprintln!("given mappings in the guest: {a:?}");
+    assert_eq!(a[0], "0 300000 65536");
+    assert_eq!(a[1], "0 400000 65536");
+    assert_eq!(&a[2..4], ["0", "0"]);
+    assert_eq!(&a[4..7], ["0:0", "0:0", "0:0"]);
+    assert_eq!(a[8], "0:0");
+    assert!(a[9].contains("Operation not permitted"), "{}", a[9]);
+    assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
+    c.assert_no_leaks(&[&id]);
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+}
+
+/// A CRI pod on the `tandem-vm` handler with `[userns] mode = "pod"`: the sandbox and two
+/// containers in one VM share one guest user namespace (same inode, same map), root inside is
+/// root of the image; the host pool has no range for the pod before or after teardown.
+#[test]
+fn cri_vm_pod_containers_share_one_guest_user_namespace() {
+    use std::collections::HashMap;
+    use tandem_tests::cri::{ContainerSpec, CriEnv, PodSpec};
+    let g = guest();
+    let _slot = vm_slot();
+    let cache = tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vm = format!(
+        "{}{}",
+        vm_toml(&g.kernel, &g.initrd, cache.path()),
+        userns_toml()
+    );
+    let mut env =
+        CriEnv::start_with_vm("mode = \"container\"\n", Some(&vm)).expect("containerd with CRI");
+    let name = unique_id("vmuspod");
+    let spec = PodSpec {
+        name: name.clone(),
+        handler: "tandem-vm".into(),
+        log_dir: env.net.dir().join("logs").join(&name),
+        cgroup_parent: format!("/tandemtest-{name}"),
+        annotations: HashMap::new(),
+    };
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    let mut ids = Vec::new();
+    for n in ["one", "two"] {
+        let c = env
+            .cri
+            .create_container(
+                &pod_id,
+                &pod_cfg,
+                &ContainerSpec {
+                    name: n.into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["sleep".into(), "1000".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("create {n}: {e}"));
+        env.cri.start_container(&c).expect("start");
+        ids.push(c);
+    }
+    let ns = "k8s.io";
+    assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
+    let mut seen = Vec::new();
+    for c in &ids {
+        let r = env
+            .cri
+            .exec_sync(c, &["sh", "-c", USERNS_PROBE])
+            .expect("ExecSync");
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{out}\n{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let a = probe_lines(&out);
+        eprintln!("container {c}: {a:?}");
+        assert_eq!(a[0], GUEST_USERNS);
+        assert_eq!(&a[2..4], ["0", "0"]);
+        assert_eq!(&a[4..7], ["0:0", "0:0", "0:0"]);
+        assert!(a[9].contains("Operation not permitted"), "{}", a[9]);
+        seen.push((a[0].clone(), a[7].clone()));
+    }
+    assert_eq!(seen[0], seen[1], "both containers in one user namespace");
+    let vms = tandem_qemus();
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let qemu = vms[0].0;
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(qemu, Duration::from_secs(5));
+    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
+}

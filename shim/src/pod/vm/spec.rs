@@ -239,6 +239,37 @@ fn shm_tmpfs(m: &Value, host: &Path, mountinfo: &str) -> Value {
     json!({"destination": m["destination"], "type": "tmpfs", "source": "shm", "options": options})
 }
 
+/// The hostname of a container that joins its sandbox's UTS namespace: the content of the file
+/// bound on `/etc/hostname` (CRI writes the pod's hostname there), else `HOSTNAME` of the
+/// process env; only a plausible name (1-64 bytes of `[A-Za-z0-9.-]`).
+fn pod_hostname(guest: &Value, files: &[GuestFile]) -> Option<String> {
+    let ok = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 64
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    let from_file = guest["mounts"].as_array().and_then(|ms| {
+        let m = ms
+            .iter()
+            .find(|m| m["destination"] == "/etc/hostname" && m["type"] == "bind")?;
+        let name = m["source"].as_str()?.rsplit('/').next()?;
+        let f = files.iter().find(|f| f.path == name)?;
+        Some(String::from_utf8_lossy(&f.content).trim().to_string())
+    });
+    let from_env = || {
+        guest["process"]["env"].as_array().and_then(|env| {
+            env.iter()
+                .filter_map(Value::as_str)
+                .find_map(|e| e.strip_prefix("HOSTNAME="))
+                .map(str::to_string)
+        })
+    };
+    from_file
+        .filter(|h| ok(h))
+        .or_else(|| from_env().filter(|h| ok(h)))
+}
+
 /// [`guest_spec`], with the bind mounts of host paths turned into what the guest can have (see
 /// the module doc): the files to copy are read here and checked against the limits. Relative
 /// bind sources are taken from `host_bundle`; `guest_bundle` is the container's bundle in the
@@ -314,9 +345,20 @@ pub fn guest_spec_with_files(
             });
         }
     }
+    let joins_uts = spec["linux"]["namespaces"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|n| n["type"] == "uts" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
+    });
     let (mut spec, _) = guest_spec(spec, id);
     if mounts.is_some() {
         spec["mounts"] = Value::Array(out);
+    }
+    if joins_uts && spec["hostname"].as_str().is_none_or(str::is_empty) {
+        // the guest cannot join the sandbox's UTS namespace by host path: the new one gets the
+        // pod's hostname (CRI: the file bound on /etc/hostname, else HOSTNAME in the env)
+        if let Some(h) = pod_hostname(&spec, &files) {
+            spec["hostname"] = Value::String(h);
+        }
     }
     Ok(GuestSpec {
         spec,
@@ -557,6 +599,36 @@ mod tests {
         // no mounts in, no mounts out
         let g = guest_spec_with_files(json!({"process": {}}), "c1", &bundle, "/b").unwrap();
         assert!(g.spec.get("mounts").is_none() && g.files.is_empty());
+    }
+
+    /// A CRI container joins the sandbox's UTS namespace by host path and has no hostname of
+    /// its own; in the guest its new UTS namespace gets the pod's name.
+    #[test]
+    fn a_container_joining_the_sandbox_uts_gets_the_pod_hostname() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("hostname"), "pod-a\n").unwrap();
+        let spec = |mounts: Value, env: Value, uts_path: &str| {
+            json!({
+                "process": {"args": ["sh"], "env": env},
+                "mounts": mounts,
+                "linux": {"namespaces": [{"type": "uts", "path": uts_path}]}
+            })
+        };
+        let hostname_bind = json!([{"destination": "/etc/hostname", "type": "bind",
+            "source": t.path().join("hostname"), "options": ["rbind", "ro"]}]);
+        let env = json!(["PATH=/bin", "HOSTNAME=from-env"]);
+        let g = |s: Value| guest_spec_with_files(s, "c1", t.path(), "/b").unwrap().spec;
+        let s1 = g(spec(hostname_bind.clone(), env.clone(), "/proc/42/ns/uts"));
+        assert_eq!(s1["hostname"], "pod-a");
+        assert_eq!(s1["linux"]["namespaces"], json!([{"type": "uts"}]));
+        assert_eq!(
+            g(spec(json!([]), env.clone(), "/proc/42/ns/uts"))["hostname"],
+            "from-env"
+        );
+        // a new UTS namespace of its own (the sandbox): its spec's hostname, nothing added
+        assert!(g(spec(hostname_bind, env, ""))["hostname"].is_null());
+        let bad = json!(["HOSTNAME=bad name;"]);
+        assert!(g(spec(json!([]), bad, "/proc/42/ns/uts"))["hostname"].is_null());
     }
 
     #[test]
