@@ -23,14 +23,10 @@ echo "== exit code $rc"
 
 # == VM demo ==
 # The same image as a VM pod: tandem boots a QEMU VM (KVM where the host can boot a stock guest
-# kernel, TCG otherwise) with the guest image of vmm/guest/build.sh and runs the container inside.
-echo "== building the guest image (kernel + initramfs with the agent; cached)"
-guest_env=$("$repo/vmm/guest/build.sh" | grep -E '^(KERNEL|INITRD|KERNEL_RELEASE)=')
-eval "$guest_env"
-vm_cfg=$(mktemp /tmp/tandem-vm-demo.XXXXXX.toml)
-trap 'rm -f "$vm_cfg"; stop_containerd' EXIT
-sed -e "s|^kernel = .*|kernel = \"$KERNEL\"|" -e "s|^initrd = .*|initrd = \"$INITRD\"|" \
-    "$repo/deploy/tandem-vm.toml" > "$vm_cfg"
+# kernel, TCG otherwise) with the guest image setup.sh installed in /usr/share/tandem/guest (the
+# [vm] defaults, which deploy/tandem-vm.toml names) and runs the container inside.
+vm_cfg="$repo/deploy/tandem-vm.toml"
+KERNEL_RELEASE=$(cat /usr/share/tandem/guest/kernel-release)
 vm_id=demo-vm-$$
 vm_cmd=(sh -c 'echo "hello from a tandem VM pod"; echo "kernel: $(uname -r)"; echo "cpus: $(grep -c ^processor /proc/cpuinfo)"')
 echo "== ctr run --rm --runtime io.containerd.tandem.v2 --runtime-config-path $vm_cfg $BUSYBOX_REF $vm_id ${vm_cmd[*]}"

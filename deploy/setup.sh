@@ -4,7 +4,9 @@
 # tests, demo and benchmark start their own private containerd).
 #
 #   sudo deploy/setup.sh            # packages + cargo build --release -p tandem-shim
+#                                   # + the VM-mode guest image in /usr/share/tandem/guest
 #   TANDEM_SKIP_BUILD=1 deploy/setup.sh   # packages only
+#   TANDEM_SKIP_GUEST=1 deploy/setup.sh   # no guest image
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -74,3 +76,21 @@ if ldd "$shim" 2>&1 | grep -q '=>'; then
     exit 1
 fi
 echo "setup.sh: built $shim (static-pie)"
+
+# The guest image of VM mode where the [vm] defaults (and deploy/tandem-vm.toml) look for it:
+# vmm/guest/build.sh unpacks Debian's cloud kernel package (apt-get download, never installed on
+# the host) and makes an initramfs whose /init is the static agent (cached in .tandem-build/guest;
+# the tests build the same image there).
+guest_dir=/usr/share/tandem/guest
+if [ "${TANDEM_SKIP_GUEST:-0}" != 1 ]; then
+    guest_env=$("$repo/vmm/guest/build.sh" | grep -E '^(KERNEL|INITRD|KERNEL_RELEASE)=')
+    eval "$guest_env"
+    install -d -m 0755 "$guest_dir"
+    # beside, then renamed: a VM starting meanwhile reads a whole old or a whole new file
+    install -m 0644 "$KERNEL" "$guest_dir/.vmlinuz.tmp"
+    install -m 0644 "$INITRD" "$guest_dir/.initramfs.cpio.gz.tmp"
+    mv -f "$guest_dir/.vmlinuz.tmp" "$guest_dir/vmlinuz"
+    mv -f "$guest_dir/.initramfs.cpio.gz.tmp" "$guest_dir/initramfs.cpio.gz"
+    echo "$KERNEL_RELEASE" > "$guest_dir/kernel-release"
+    echo "setup.sh: guest image (kernel $KERNEL_RELEASE) installed in $guest_dir"
+fi
