@@ -184,6 +184,9 @@ impl Engine {
                 .map_err(io(format!("chmod {}", fifo.display())))?;
         }
         let cgroup = c.cgroup.clone().expect("create has a cgroup");
+        // the kernel's wait before the init can be moved into its cgroups starts now, beside
+        // making and configuring them and spawning the init (cgroups::prime_migration)
+        let _ = cgroups::prime_migration(cgroup.layout.clone());
         cgroup.create()?;
         if let Some(res) = c
             .state
@@ -363,6 +366,8 @@ impl Container {
         if cg.is_frozen().unwrap_or(false) {
             return Err(self.err(format!("exec {exec_id}: container is paused")));
         }
+        // as at create: the wait before the exec'd process can join the cgroups starts now
+        let _ = cgroups::prime_migration(cg.layout.clone());
         let config = InitConfig::Exec(ExecConfig {
             pid: self.state.pid,
             process: process.clone(),

@@ -175,6 +175,73 @@ impl Layout {
     }
 }
 
+/// The `cgroup.procs` file of the cgroup the process described by `proc_cgroup` (the text of
+/// `/proc/<pid>/cgroup`) is in, in one hierarchy of `layout`: the first v1 hierarchy listed
+/// there, else the cgroup2 one.
+pub fn own_procs_file(layout: &Layout, proc_cgroup: &str) -> Option<PathBuf> {
+    let lines = proc_cgroup.lines().filter_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        Some((ctrls, path.trim_start_matches('/')))
+    });
+    let (v1, v2): (Vec<_>, Vec<_>) = lines.partition(|(c, _)| !c.is_empty());
+    match layout {
+        Layout::V2 { mount } => v2.first().map(|(_, p)| mount.join(p).join("cgroup.procs")),
+        Layout::V1 {
+            hierarchies,
+            unified,
+        } => v1
+            .iter()
+            .find_map(|(ctrls, path)| {
+                let h = hierarchies.iter().find(|h| {
+                    ctrls
+                        .split(',')
+                        .any(|c| h.controllers.iter().any(|hc| hc == c))
+                })?;
+                Some(h.mount.join(path).join("cgroup.procs"))
+            })
+            .or_else(|| {
+                let (u, (_, p)) = (unified.as_ref()?, v2.first()?);
+                Some(u.join(p).join("cgroup.procs"))
+            }),
+    }
+}
+
+/// Start the slow part of the next cgroup migrations now, on a thread of its own, so that it
+/// overlaps the caller's other work (rootfs mount, spec, state, cgroup dirs) instead of
+/// delaying the container's init.
+///
+/// Writing a pid to `cgroup.procs` takes the kernel's global `cgroup_threadgroup_rwsem` for
+/// writing, and the first writer after a quiet spell waits for an RCU grace period before it
+/// gets it; writers within about one grace period after that do not wait. Measured on this
+/// 2-vCPU host under load: the first of the 9 writes that place an init in its cgroups took
+/// 8-28 ms, each of the others ~0.03 ms. This writes the calling process's own pid into the
+/// `cgroup.procs` of the cgroup it is already in (a migration that moves nothing), which starts
+/// that wait. Failures are ignored: it is only a head start, the real writes report errors.
+pub fn prime_migration(layout: Layout) -> Option<std::thread::JoinHandle<()>> {
+    let r = std::thread::Builder::new()
+        .name("cgroup-prime".into())
+        .spawn(move || {
+            let Ok(own) = fs::read_to_string("/proc/self/cgroup") else {
+                return;
+            };
+            let me = std::process::id().to_string();
+            let Some(f) = own_procs_file(&layout, &own) else {
+                return;
+            };
+            // only where this process already is (a cgroup namespace or another mount could
+            // make the path name a different cgroup: then nothing is moved)
+            let listed = fs::read_to_string(&f).is_ok_and(|l| l.lines().any(|p| p == me));
+            if listed {
+                if let Err(e) = fs::write(&f, &me) {
+                    tracing::debug!("cgroup prime: write {}: {e}", f.display());
+                }
+            }
+        });
+    r.map_err(|e| tracing::debug!("cgroup prime thread: {e}"))
+        .ok()
+}
+
 /// The cgroup(s) of one container: the same relative path in every hierarchy.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
@@ -518,6 +585,59 @@ pub(crate) mod tests {
         assert!(Layout::detect(t2.path()).unwrap().is_v2());
         let t3 = tempfile::tempdir().unwrap();
         assert!(Layout::detect(t3.path()).is_err());
+    }
+
+    #[test]
+    fn own_procs_file_per_layout() {
+        let own = "9:name=systemd:/\n8:pids:/user.slice\n4:memory:/x/y\n1:cpu:/\n0::/init.scope\n";
+        let t = tempfile::tempdir().unwrap();
+        fake_v1(t.path(), true);
+        let l = Layout::detect(t.path()).unwrap();
+        // name=systemd is not a managed hierarchy; pids is the first one listed that is
+        assert_eq!(
+            own_procs_file(&l, own),
+            Some(t.path().join("pids/user.slice/cgroup.procs"))
+        );
+        // only the cgroup2 line: the unified mount of the hybrid layout
+        assert_eq!(
+            own_procs_file(&l, "0::/a\n"),
+            Some(t.path().join("unified/a/cgroup.procs"))
+        );
+        let t2 = tempfile::tempdir().unwrap();
+        fake_v2(t2.path());
+        let l2 = Layout::detect(t2.path()).unwrap();
+        assert_eq!(
+            own_procs_file(&l2, own),
+            Some(t2.path().join("init.scope/cgroup.procs"))
+        );
+        assert_eq!(own_procs_file(&l2, "8:pids:/\n"), None);
+    }
+
+    #[test]
+    fn prime_writes_own_pid_into_own_cgroup() {
+        let t = tempfile::tempdir().unwrap();
+        fake_v1(t.path(), true);
+        let l = Layout::detect(t.path()).unwrap();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let f = own_procs_file(&l, &own).expect("a cgroup of this process in the fake layout");
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        // a cgroup.procs that does not list this process is left alone
+        fs::write(&f, "1\n").unwrap();
+        prime_migration(l.clone()).unwrap().join().unwrap();
+        assert_eq!(fs::read_to_string(&f).unwrap(), "1\n");
+        let me = std::process::id().to_string();
+        fs::write(&f, format!("1\n{me}\n")).unwrap();
+        prime_migration(l).unwrap().join().unwrap();
+        assert_eq!(fs::read_to_string(&f).unwrap(), me);
+        // a layout without this process's cgroup: nothing made, no panic
+        let t2 = tempfile::tempdir().unwrap();
+        fake_v2(t2.path());
+        let before = fs::read_dir(t2.path()).unwrap().count();
+        prime_migration(Layout::detect(t2.path()).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(fs::read_dir(t2.path()).unwrap().count(), before);
     }
 
     #[test]
