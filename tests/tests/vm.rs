@@ -949,6 +949,13 @@ fn host_ranges_of(ns: &str, pod: &str) -> Vec<String> {
         .collect()
 }
 
+/// QEMUs of the pod `id` (run dir `<shim pid>-<first 12 chars of the pod id>`): other VM tests
+/// may run on the machine at the same time.
+fn qemus_of(id: &str) -> Vec<(i32, String)> {
+    let short: String = id.chars().take(12).collect();
+    qemus(&format!("-{short}/"))
+}
+
 /// A VM-mode containerd with `extra` appended to the tandem config.
 fn env_with(extra: &str) -> Env {
     let g = guest();
@@ -1064,7 +1071,7 @@ fn vm_pod_userns_maps_root_to_a_guest_range_without_a_host_range() {
     c.ctr_ok(&["container", "rm", &id]);
     wait_no_qemu(pid, Duration::from_secs(10));
     c.assert_no_leaks(&[&id]);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(qemus_of(&id).is_empty(), "{:?}", qemus_of(&id));
     assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
 }
 
@@ -1099,7 +1106,7 @@ fn vm_given_mappings_are_used_in_the_guest() {
     assert!(a[9].contains("Operation not permitted"), "{}", a[9]);
     assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
     c.assert_no_leaks(&[&id]);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(qemus_of(&id).is_empty(), "{:?}", qemus_of(&id));
 }
 
 /// A CRI pod on the `tandem-vm` handler with `[userns] mode = "pod"`: the sandbox and two
@@ -1173,7 +1180,7 @@ fn cri_vm_pod_containers_share_one_guest_user_namespace() {
         seen.push((a[0].clone(), a[7].clone()));
     }
     assert_eq!(seen[0], seen[1], "both containers in one user namespace");
-    let vms = tandem_qemus();
+    let vms = qemus_of(&pod_id);
     assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
     let qemu = vms[0].0;
     env.cri.teardown_pod(&pod_id).expect("teardown");
@@ -1181,7 +1188,7 @@ fn cri_vm_pod_containers_share_one_guest_user_namespace() {
         shims_of(&env.containerd).is_empty()
     });
     wait_no_qemu(qemu, Duration::from_secs(5));
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(qemus_of(&pod_id).is_empty(), "{:?}", qemus_of(&pod_id));
     assert_eq!(host_ranges_of(ns, &pod_id), Vec::<String>::new());
 }
 
@@ -1468,6 +1475,6 @@ fn vm_host_userns_path_without_mappings_is_refused_before_boot() {
     );
     let _ = c.ctr(&["container", "rm", &id]);
     c.assert_no_leaks(&[&id]);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(qemus_of(&id).is_empty(), "{:?}", qemus_of(&id));
     assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
 }
