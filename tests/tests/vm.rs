@@ -748,7 +748,21 @@ fn leak_twenty_vm_pod_cycles() {
     // the harness: mounts, /<ns>/<id> cgroups in every hierarchy, processes (shims) naming an
     // id, state dirs, containerd's containers and tasks
     env.c.assert_no_leaks(&refs);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    // QEMUs and run dirs of these pods (run dir `<shim pid>-<first 12 chars of the pod id>`;
+    // other test runs on this machine may have VMs of their own meanwhile)
+    let ours = |dir: &str| {
+        dir.split_once('-')
+            .is_some_and(|(_, short)| ids.iter().any(|id| id.starts_with(short)))
+    };
+    let qemus: Vec<_> = tandem_qemus()
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.split("/run/tandem-vm/")
+                .skip(1)
+                .any(|rest| ours(rest.split('/').next().unwrap_or("")))
+        })
+        .collect();
+    assert!(qemus.is_empty(), "QEMU of these pods left: {qemus:?}");
     assert!(
         env.c.shim_pids().is_empty(),
         "shims left: {:?}",
@@ -786,7 +800,12 @@ fn leak_twenty_vm_pod_cycles() {
         "layer cache holds only whole cached images: {in_cache:?}"
     );
     let left: Vec<_> = std::fs::read_dir("/run/tandem-vm")
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| ours(&e.file_name().to_string_lossy()))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "run dirs left: {left:?}");
     let state: Vec<_> = std::fs::read_dir(format!("/run/containerd-tandem/{}", env.c.namespace))
@@ -1345,14 +1364,17 @@ fn cri_vm_pod_has_host_files_and_updates_resources() {
     let st = env.cri.container_stats(&cid).expect("ContainerStats");
     assert!(st.memory.is_some(), "{st:?}");
 
-    let qemu = tandem_qemus();
+    // this pod's VM (its run dir names the pod id's first 12 characters; other test processes
+    // may run VMs of their own at the same time)
+    let pod_vms = || qemus(&format!("-{}/", &pod_id[..12]));
+    let qemu = pod_vms();
     assert_eq!(qemu.len(), 1, "{qemu:?}");
     env.cri.teardown_pod(&pod_id).expect("teardown");
     wait_for("the pod's shim exits", Duration::from_secs(10), || {
         shims_of(&env.containerd).is_empty()
     });
     wait_no_qemu(qemu[0].0, Duration::from_secs(5));
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(pod_vms().is_empty(), "{:?}", pod_vms());
 }
 
 /// `ctr run --mount type=bind,src=<file>,...` in a VM: the file's bytes are in the guest,
@@ -1401,7 +1423,9 @@ fn ctr_run_mount_of_a_host_file_in_a_vm() {
     );
     let _ = c.ctr(&["container", "rm", &id]);
     c.assert_no_leaks(&[&id]);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    // no VM of this container (run dirs name the first 12 characters of the pod id)
+    let vms_of = |id: &str| qemus(&format!("-{}", &id[..id.len().min(12)]));
+    assert!(vms_of(&id).is_empty(), "{:?}", vms_of(&id));
 
     let id = unique_id("vmmount");
     let file_m = mnt(&file, "/etc/greeting.conf", "rbind:ro");
@@ -1436,7 +1460,7 @@ fn ctr_run_mount_of_a_host_file_in_a_vm() {
         "host file unchanged"
     );
     c.assert_no_leaks(&[&id]);
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(vms_of(&id).is_empty(), "{:?}", vms_of(&id));
 }
 
 /// A spec that joins a host user namespace by path without stating its mappings cannot be carried
