@@ -47,9 +47,13 @@ pub(crate) fn to_host(m: &[LinuxIdMapping], id: u32) -> Option<u32> {
     })
 }
 
-/// A user namespace with the given maps, as an fd. Forks: call only from the single-threaded
-/// init, as host root.
-pub(crate) fn make_userns(uid: &[LinuxIdMapping], gid: &[LinuxIdMapping]) -> R<OwnedFd> {
+/// A user namespace with the given maps, as an fd. Forks a helper that only makes raw syscalls
+/// until it exits, so it is safe in a multi-threaded caller too (the guest agent); needs
+/// CAP_SETUID/CAP_SETGID over the IDs mapped.
+pub fn make_userns(uid: &[LinuxIdMapping], gid: &[LinuxIdMapping]) -> R<OwnedFd> {
+    if uid.is_empty() || gid.is_empty() {
+        return Err("a user namespace needs linux.uidMappings and linux.gidMappings".into());
+    }
     let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (r2, w2) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the init is single-threaded; the child only makes raw syscalls and exits.
@@ -81,10 +85,13 @@ pub(crate) fn make_userns(uid: &[LinuxIdMapping], gid: &[LinuxIdMapping]) -> R<O
         if n != 1 || b[0] != 1 {
             return Err("helper could not unshare a user namespace".into());
         }
-        for (file, maps) in [("uid_map", uid), ("gid_map", gid)] {
+        for (file, maps, what) in [
+            ("uid_map", uid, "linux.uidMappings"),
+            ("gid_map", gid, "linux.gidMappings"),
+        ] {
             let p = format!("/proc/{pid}/{file}");
             fs::write(&p, map_text(maps))
-                .map_err(|e| format!("write {p} ({:?}): {e}", map_text(maps).trim_end()))?;
+                .map_err(|e| format!("{what} {:?}: write {p}: {e}", map_text(maps).trim_end()))?;
         }
         let p = format!("/proc/{pid}/ns/user");
         let f = fs::File::open(&p).map_err(|e| format!("open {p}: {e}"))?;
@@ -132,7 +139,7 @@ pub(crate) fn fs_type(path: &Path) -> String {
 
 /// A detached copy of the mount tree at `src`, idmapped with `userns`. `recursive_clone`
 /// copies submounts too (rbind); `recursive_idmap` idmaps them as well (ridmap).
-pub(crate) fn idmapped_tree(
+pub fn idmapped_tree(
     src: &Path,
     userns: &OwnedFd,
     recursive_clone: bool,
@@ -462,7 +469,7 @@ fn as_fs_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> R<T>) -> R<T> {
 }
 
 /// Attach a detached mount at `dest` (in the caller's mount namespace).
-pub(crate) fn attach(tree: &OwnedFd, dest: &Path) -> R<()> {
+pub fn attach(tree: &OwnedFd, dest: &Path) -> R<()> {
     let c = CString::new(dest.as_os_str().as_bytes())
         .map_err(|_| format!("{}: path has a NUL byte", dest.display()))?;
     // SAFETY: valid fds and C strings.

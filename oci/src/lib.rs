@@ -96,7 +96,7 @@
 mod capabilities;
 pub mod cgroups;
 mod container;
-mod idmap;
+pub mod idmap;
 mod init;
 mod process;
 pub mod rootfs;

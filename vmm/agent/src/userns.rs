@@ -18,13 +18,11 @@
 //! IDs, which is what they are; only the upper directory itself (the overlay's root inode) is
 //! given to the container's root.
 
-use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxIdMapping, LinuxIdMappingBuilder, LinuxNamespaceType, Spec};
 
 /// Path of the pod's user namespace in the guest (a bind mount of an nsfs file).
 pub const POD_USERNS: &str = "/run/tandem/pod-userns";
@@ -32,19 +30,6 @@ pub const POD_USERNS: &str = "/run/tandem/pod-userns";
 type R<T> = std::result::Result<T, String>;
 /// `(containerID, hostID, size)` lines of a mapping.
 pub type IdMaps = Vec<(u32, u32, u32)>;
-
-// from <linux/mount.h>
-const OPEN_TREE_CLONE: libc::c_uint = 1;
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
 
 /// The user namespace a container's spec asks for, with its mappings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,58 +82,23 @@ pub fn map_text(m: &[(u32, u32, u32)]) -> String {
     m.iter().map(|(c, h, n)| format!("{c} {h} {n}\n")).collect()
 }
 
-/// A user namespace with the given maps, as an fd. Forks a helper that only makes raw syscalls
-/// (safe in the multi-threaded agent); its exit status is the reaper's, not ours.
+fn mappings(m: &[(u32, u32, u32)]) -> R<Vec<LinuxIdMapping>> {
+    m.iter()
+        .map(|&(c, h, n)| {
+            LinuxIdMappingBuilder::default()
+                .container_id(c)
+                .host_id(h)
+                .size(n)
+                .build()
+                .map_err(|e| format!("mapping {c} {h} {n}: {e}"))
+        })
+        .collect()
+}
+
+/// A user namespace with the given maps, as an fd (tandem-oci's helper-process way; safe in the
+/// multi-threaded agent).
 pub fn make_userns(uid: &[(u32, u32, u32)], gid: &[(u32, u32, u32)]) -> R<OwnedFd> {
-    if uid.is_empty() || gid.is_empty() {
-        return Err("a user namespace needs linux.uidMappings and linux.gidMappings".into());
-    }
-    let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (r2, w2) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-    // SAFETY: the child only makes async-signal-safe raw syscalls and exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: raw syscalls on fds we own; never returns.
-        unsafe {
-            libc::close(w2.as_raw_fd());
-            libc::close(r.as_raw_fd());
-            let ok: u8 = if libc::unshare(libc::CLONE_NEWUSER) == 0 {
-                1
-            } else {
-                2
-            };
-            libc::write(w.as_raw_fd(), &ok as *const u8 as *const libc::c_void, 1);
-            let mut b = 0u8;
-            libc::read(r2.as_raw_fd(), &mut b as *mut u8 as *mut libc::c_void, 1);
-            libc::_exit(0);
-        }
-    }
-    drop(w);
-    drop(r2);
-    let result = (|| -> R<OwnedFd> {
-        let mut b = [0u8; 1];
-        let n = nix::unistd::read(&r, &mut b).map_err(|e| format!("userns helper pipe: {e}"))?;
-        if n != 1 || b[0] != 1 {
-            return Err("the helper process could not unshare a user namespace".into());
-        }
-        // setgroups stays allowed: the container's root may set supplementary groups
-        for (file, maps, what) in [
-            ("uid_map", uid, "linux.uidMappings"),
-            ("gid_map", gid, "linux.gidMappings"),
-        ] {
-            let p = format!("/proc/{pid}/{file}");
-            fs::write(&p, map_text(maps))
-                .map_err(|e| format!("{what} {:?}: write {p}: {e}", map_text(maps).trim_end()))?;
-        }
-        let p = format!("/proc/{pid}/ns/user");
-        let f = fs::File::open(&p).map_err(|e| format!("open {p}: {e}"))?;
-        Ok(OwnedFd::from(f))
-    })();
-    drop(w2); // lets the helper exit
-    result
+    tandem_oci::idmap::make_userns(&mappings(uid)?, &mappings(gid)?)
 }
 
 /// The pod's user namespace in the guest: made by the first container that asks for it, joined
@@ -213,82 +163,13 @@ pub fn open(u: &SpecUserns) -> R<OwnedFd> {
     }
 }
 
-fn last_err(what: &str, p: &Path) -> String {
-    format!(
-        "{what} {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    )
-}
-
 /// Replace the mount at `target` by an idmapped clone of it (mapped with `userns`): a file the
 /// filesystem says is owned by ID x appears owned by whatever x maps to in `userns`.
 pub fn idmap_in_place(target: &Path, userns: &OwnedFd) -> R<()> {
-    let c = CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| format!("{}: path has a NUL byte", target.display()))?;
-    // SAFETY: valid C string; a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(last_err("open_tree(OPEN_TREE_CLONE)", target));
-    }
-    // SAFETY: fresh fd.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    // SAFETY: attr is a valid mount_attr of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        let fs = nix::sys::statfs::statfs(target)
-            .map(|s| format!("{:#x}", s.filesystem_type().0))
-            .unwrap_or_else(|_| "?".into());
-        return Err(format!(
-            "idmapped mount of {} (filesystem magic {fs}): mount_setattr(MOUNT_ATTR_IDMAP): {e}{}",
-            target.display(),
-            if e.raw_os_error() == Some(libc::EINVAL) {
-                ": this filesystem does not support idmapped mounts in this kernel"
-            } else {
-                ""
-            }
-        ));
-    }
+    let tree = tandem_oci::idmap::idmapped_tree(target, userns, false, false)?;
     nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| format!("detach the plain mount at {}: {e}", target.display()))?;
-    // SAFETY: valid fds and C strings.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if r != 0 {
-        return Err(last_err("move_mount of the idmapped clone to", target));
-    }
-    Ok(())
+    tandem_oci::idmap::attach(&tree, target)
 }
 
 #[cfg(test)]
