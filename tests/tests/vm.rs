@@ -35,6 +35,37 @@ fn vm_toml(kernel: &Path, initrd: &Path, cache: &Path) -> String {
     )
 }
 
+/// A private erofs layer cache for one test.
+fn layer_cache() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tandem-layers-")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// A containerd with CRI whose `tandem-vm` handler (RuntimeClass) runs VM pods, with `extra`
+/// appended to its tandem config, beside a container-mode `tandem` handler, as kubelet would see it.
+fn cri_vm_env(extra: &str) -> (tandem_tests::cri::CriEnv, tempfile::TempDir) {
+    let g = guest();
+    let cache = layer_cache();
+    let vm = format!("{}{extra}", vm_toml(&g.kernel, &g.initrd, cache.path()));
+    let env = tandem_tests::cri::CriEnv::start_with_vm("mode = \"container\"\n", Some(&vm))
+        .expect("containerd with CRI");
+    (env, cache)
+}
+
+/// A pod under the `tandem-vm` handler, its own cgroup parent and log dir.
+fn vm_pod_spec(env: &tandem_tests::cri::CriEnv, prefix: &str) -> tandem_tests::cri::PodSpec {
+    let name = unique_id(prefix);
+    tandem_tests::cri::PodSpec {
+        name: name.clone(),
+        handler: "tandem-vm".into(),
+        log_dir: env.net.dir().join("logs").join(&name),
+        cgroup_parent: format!("/tandemtest-{name}"),
+        annotations: std::collections::HashMap::new(),
+    }
+}
+
 /// A containerd whose `--runtime-config-path` file puts tandem in VM mode.
 struct Env {
     c: Containerd,
@@ -49,12 +80,14 @@ impl Env {
     }
 
     fn with(kernel: &Path, initrd: &Path) -> Env {
-        let cache = tempfile::Builder::new()
-            .prefix("tandem-layers-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let c = Containerd::start(Some(&vm_toml(kernel, initrd, cache.path())))
-            .expect("start containerd");
+        Self::with_extra(kernel, initrd, "")
+    }
+
+    /// VM mode with `extra` appended to the tandem config.
+    fn with_extra(kernel: &Path, initrd: &Path, extra: &str) -> Env {
+        let cache = layer_cache();
+        let toml = format!("{}{extra}", vm_toml(kernel, initrd, cache.path()));
+        let c = Containerd::start(Some(&toml)).expect("start containerd");
         c.import_busybox();
         let cfg = c
             .runtime_config
@@ -345,28 +378,12 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// guest; teardown leaves no QEMU and no shim.
 #[test]
 fn cri_pod_with_two_containers_in_one_vm() {
-    use std::collections::HashMap;
-    use tandem_tests::cri::{ContainerSpec, CriEnv, PodSpec};
-    let g = guest();
+    use tandem_tests::cri::ContainerSpec;
     let _slot = vm_slot();
-    let cache = tempfile::Builder::new()
-        .prefix("tandem-layers-")
-        .tempdir_in("/tmp")
-        .unwrap();
     // As kubelet would: the `tandem-vm` handler (RuntimeClass) beside a container-mode `tandem`.
-    let mut env = CriEnv::start_with_vm(
-        "mode = \"container\"\n",
-        Some(&vm_toml(&g.kernel, &g.initrd, cache.path())),
-    )
-    .expect("containerd with CRI");
-    let name = unique_id("vmpod");
-    let spec = PodSpec {
-        name: name.clone(),
-        handler: "tandem-vm".into(),
-        log_dir: env.net.dir().join("logs").join(&name),
-        cgroup_parent: format!("/tandemtest-{name}"),
-        annotations: HashMap::new(),
-    };
+    let g = guest();
+    let (mut env, _cache) = cri_vm_env("");
+    let spec = vm_pod_spec(&env, "vmpod");
     let t0 = Instant::now();
     let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
     eprintln!("RunPodSandbox (VM boot): {:?}", t0.elapsed());
@@ -978,24 +995,7 @@ fn qemus_of(id: &str) -> Vec<(i32, String)> {
 /// A VM-mode containerd with `extra` appended to the tandem config.
 fn env_with(extra: &str) -> Env {
     let g = guest();
-    let cache = tempfile::Builder::new()
-        .prefix("tandem-layers-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let toml = format!("{}{extra}", vm_toml(&g.kernel, &g.initrd, cache.path()));
-    let c = Containerd::start(Some(&toml)).expect("start containerd");
-    c.import_busybox();
-    let cfg = c
-        .runtime_config
-        .as_ref()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    Env {
-        c,
-        cfg,
-        _cache: cache,
-    }
+    Env::with_extra(&g.kernel, &g.initrd, extra)
 }
 
 /// What a process in the guest container sees of its user namespace and rootfs.
@@ -1133,29 +1133,10 @@ fn vm_given_mappings_are_used_in_the_guest() {
 /// root of the image; the host pool has no range for the pod before or after teardown.
 #[test]
 fn cri_vm_pod_containers_share_one_guest_user_namespace() {
-    use std::collections::HashMap;
-    use tandem_tests::cri::{ContainerSpec, CriEnv, PodSpec};
-    let g = guest();
+    use tandem_tests::cri::ContainerSpec;
     let _slot = vm_slot();
-    let cache = tempfile::Builder::new()
-        .prefix("tandem-layers-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let vm = format!(
-        "{}{}",
-        vm_toml(&g.kernel, &g.initrd, cache.path()),
-        userns_toml()
-    );
-    let mut env =
-        CriEnv::start_with_vm("mode = \"container\"\n", Some(&vm)).expect("containerd with CRI");
-    let name = unique_id("vmuspod");
-    let spec = PodSpec {
-        name: name.clone(),
-        handler: "tandem-vm".into(),
-        log_dir: env.net.dir().join("logs").join(&name),
-        cgroup_parent: format!("/tandemtest-{name}"),
-        annotations: HashMap::new(),
-    };
+    let (mut env, _cache) = cri_vm_env(&userns_toml());
+    let spec = vm_pod_spec(&env, "vmuspod");
     let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
     let mut ids = Vec::new();
     for n in ["one", "two"] {
@@ -1241,29 +1222,12 @@ fn cri_mount_sources(c: &Containerd, id: &str) -> std::collections::HashMap<Stri
 /// cpu.max), a cpuset in it (host-only in VM mode) is left out without failing the update.
 #[test]
 fn cri_vm_pod_has_host_files_and_updates_resources() {
-    use std::collections::HashMap;
-    use tandem_tests::cri::{
-        ContainerSpec, Cri, CriEnv, DnsConfig, LinuxContainerResources, PodSpec,
-    };
-    let g = guest();
+    use tandem_tests::cri::{ContainerSpec, Cri, DnsConfig, LinuxContainerResources};
     let _slot = vm_slot();
-    let cache = tempfile::Builder::new()
-        .prefix("tandem-layers-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let mut env = CriEnv::start_with_vm(
-        "mode = \"container\"\n",
-        Some(&vm_toml(&g.kernel, &g.initrd, cache.path())),
-    )
-    .expect("containerd with CRI");
-    let name = unique_id("vmfiles");
-    let spec = PodSpec {
-        name: name.clone(),
-        handler: "tandem-vm".into(),
-        log_dir: env.net.dir().join("logs").join(&name),
-        cgroup_parent: format!("/tandemtest-{name}"),
-        annotations: HashMap::new(),
-    };
+    let g = guest();
+    let (mut env, _cache) = cri_vm_env("");
+    let spec = vm_pod_spec(&env, "vmfiles");
+    let name = spec.name.clone();
     let mut pod_cfg = Cri::pod_config(&spec);
     pod_cfg.dns_config = Some(DnsConfig {
         servers: vec!["198.18.0.53".into()],
