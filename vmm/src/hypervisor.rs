@@ -273,11 +273,12 @@ mod tests {
 
     #[test]
     fn kill_recorded_kills_a_vmm_of_the_run_dir() {
-        // a `tandem-vmm` named program (a copy of sh blocked in `read`) whose argument is in the
-        // run dir
+        // a `tandem-vmm` named program (sh, blocked in `read`) whose argument is in the run dir;
+        // a symlink, not a copy: exec of a file just written fails with ETXTBSY while another
+        // test thread forks with the copy's fd open
         let dir = tempfile::tempdir().unwrap();
         let prog = dir.path().join("tandem-vmm");
-        std::fs::copy("/bin/sh", &prog).unwrap();
+        std::os::unix::fs::symlink("/bin/sh", &prog).unwrap();
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
         let mut child = Command::new(&prog)
