@@ -90,7 +90,7 @@ pub trait RunningVm: Send {
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The arguments of process `pid` (from /proc), or `None` when it is gone.
-fn proc_args(pid: u32) -> Option<Vec<String>> {
+pub(crate) fn proc_args(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(
         raw.split(|b| *b == 0)
@@ -184,7 +184,7 @@ pub fn kill_recorded(pid: u32, run_dir: &Path) -> Result<bool> {
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd returned is owned below.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
@@ -195,7 +195,7 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// True when the process behind `fd` exited within `timeout`.
-fn pidfd_exited(fd: &OwnedFd, timeout: Duration) -> bool {
+pub(crate) fn pidfd_exited(fd: &OwnedFd, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let mut p = libc::pollfd {

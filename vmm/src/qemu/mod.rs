@@ -9,7 +9,7 @@ mod cmdline;
 mod qmp;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 
 use crate::config::{validate_nic, AgentChannel, DiskConfig, NicConfig, VmConfig};
 use crate::error::{Error, Result};
-use crate::hypervisor::{Hypervisor, RunningVm, VcpuThread, VmState};
+use crate::hypervisor::{
+    pidfd_exited, pidfd_open, proc_args, Hypervisor, RunningVm, VcpuThread, VmState,
+};
 
 pub use cmdline::{command_line, mac_string, AGENT_PORT, QEMU_LOG, QMP_SOCKET};
 pub use qmp::Qmp;
@@ -305,16 +307,6 @@ fn clear_stale_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).map_err(|e| Error::io(path, e))
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the fd returned is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 fn pidfd_kill(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
     // SAFETY: plain syscall on a valid pidfd.
     let r = unsafe {
@@ -334,38 +326,6 @@ fn pidfd_kill(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
         return Err(e);
     }
     Ok(())
-}
-
-/// True when the process behind `fd` has exited (waits at most `timeout`).
-fn exited(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if n >= 0 {
-            return n == 1;
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
-/// The arguments of process `pid` (from /proc).
-fn proc_cmdline(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
 }
 
 /// True when the arguments are those of a QEMU whose QMP socket is in `run_dir`.
@@ -389,7 +349,7 @@ fn agent_socket_of(args: &[String]) -> Option<PathBuf> {
 /// reuse). Returns false when no such process was running (then only files are removed).
 pub fn kill_by_pid(pid: u32, run_dir: &Path) -> Result<bool> {
     let fd = pidfd_open(pid).ok();
-    let args = proc_cmdline(pid);
+    let args = proc_args(pid);
     let ours = matches!((&fd, &args), (Some(_), Some(a)) if is_our_qemu(a, run_dir));
     let mut killed = false;
     let agent = args.as_deref().and_then(agent_socket_of);
@@ -399,7 +359,7 @@ pub fn kill_by_pid(pid: u32, run_dir: &Path) -> Result<bool> {
             binary: format!("pid {pid}").into(),
             reason: format!("SIGKILL: {e}"),
         })?;
-        if !exited(&fd, STOP_TIMEOUT) {
+        if !pidfd_exited(&fd, STOP_TIMEOUT) {
             return Err(Error::Qemu {
                 binary: format!("pid {pid}").into(),
                 reason: format!("still alive {STOP_TIMEOUT:?} after SIGKILL"),
@@ -483,7 +443,7 @@ impl QemuVm {
     fn boot(&mut self, vm: &VmConfig, started: Instant) -> Result<()> {
         let deadline = started + START_TIMEOUT;
         loop {
-            if exited(&self.pidfd, Duration::ZERO) {
+            if pidfd_exited(&self.pidfd, Duration::ZERO) {
                 return Err(self.early_exit());
             }
             if self.qmp_path.exists() {
@@ -493,7 +453,7 @@ impl QemuVm {
                         break;
                     }
                     Err(e) => {
-                        if exited(&self.pidfd, Duration::from_millis(200)) {
+                        if pidfd_exited(&self.pidfd, Duration::from_millis(200)) {
                             return Err(self.early_exit());
                         }
                         if Instant::now() > deadline {
@@ -537,7 +497,7 @@ impl QemuVm {
             reason,
         };
         let pidfd = pidfd_open(pid).map_err(|e| err(format!("pidfd_open: {e}")))?;
-        let args = proc_cmdline(pid).ok_or_else(|| err("no such process".into()))?;
+        let args = proc_args(pid).ok_or_else(|| err("no such process".into()))?;
         if !is_our_qemu(&args, run_dir) {
             return Err(err(format!(
                 "not the QEMU of run dir {} (pid reused?)",
@@ -615,7 +575,7 @@ impl QemuVm {
     }
 
     fn wait_gone(&mut self, timeout: Duration) -> bool {
-        if exited(&self.pidfd, timeout) {
+        if pidfd_exited(&self.pidfd, timeout) {
             if let Some(c) = self.child.as_mut() {
                 let _ = c.try_wait();
             } else {
