@@ -46,6 +46,9 @@ pub struct ContainerSpec {
     pub annotations: HashMap<String, String>,
     /// Capabilities added to the runtime's default set (e.g. "NET_ADMIN").
     pub add_capabilities: Vec<String>,
+    /// Volumes as kubelet passes them (an emptyDir or hostPath directory): host path,
+    /// container path, read-only.
+    pub mounts: Vec<(PathBuf, String, bool)>,
 }
 
 impl Cri {
@@ -209,6 +212,16 @@ impl Cri {
                 ..Default::default()
             }),
             command: spec.command.clone(),
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|(host, ctr, ro)| Mount {
+                    container_path: ctr.clone(),
+                    host_path: host.display().to_string(),
+                    readonly: *ro,
+                    ..Default::default()
+                })
+                .collect(),
             log_path: format!("{}.log", spec.name),
             annotations: spec.annotations.clone(),
             linux: Some(LinuxContainerConfig {

@@ -112,6 +112,11 @@ visit() {
     order+=("$m")
 }
 for m in "${wanted[@]}"; do visit "$m"; done
+boot_order=("${order[@]}")
+# In the image with their dependencies, but loaded on demand by the agent, not at boot:
+# virtiofs (+ fuse) for directory volumes (vmm/agent/src/volumes.rs).
+on_demand=(virtiofs)
+for m in "${on_demand[@]}"; do visit "$m"; done
 
 # --- 4. initramfs ------------------------------------------------------------------------------
 suffix=""; [[ $no_agent == 1 ]] && suffix="-noagent"
@@ -153,8 +158,8 @@ for m in "${order[@]}"; do
     done
     echo "$rel:$deps" >> "$stage/lib/modules/$krel/modules.dep"
 done
-# The modules the agent loads at boot, in dependency order.
-printf '%s\n' "${order[@]}" > "$stage/lib/modules/$krel/modules.load"
+# The modules the agent loads at boot, in dependency order (not the on-demand ones).
+printf '%s\n' "${boot_order[@]}" > "$stage/lib/modules/$krel/modules.load"
 
 initrd=$out/initramfs-$krel$suffix.cpio.gz
 tmpimg=$(mktemp "$out/.initrd.XXXXXX")

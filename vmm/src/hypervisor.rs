@@ -74,6 +74,14 @@ pub trait RunningVm: Send {
             feature: format!("hot-add of disk {}", disk.path.display()),
         })
     }
+    /// Adds a virtio-fs device exporting `tag`, served by the vhost-user daemon listening on
+    /// `socket` (the VM's memory must be shareable with it). Default: unsupported.
+    fn hot_add_fs(&mut self, socket: &Path, tag: &str) -> Result<()> {
+        Err(Error::Unsupported {
+            backend: "hypervisor",
+            feature: format!("virtio-fs {tag} on {}", socket.display()),
+        })
+    }
     /// Removes a disk added with [`RunningVm::hot_add_disk`] (the guest must release it).
     /// Default: unsupported.
     fn hot_remove_disk(&mut self, id: &str) -> Result<()> {
@@ -101,13 +109,17 @@ pub(crate) fn proc_args(pid: u32) -> Option<Vec<String>> {
 }
 
 /// Which backend's VMM these arguments are, when they are one of ours started with files in
-/// `run_dir`: the program is QEMU or `tandem-vmm`, and an argument names a path inside `run_dir`.
+/// `run_dir`: the program is QEMU, `tandem-vmm` or a VM's `virtiofsd` (kind "virtiofsd"), and an
+/// argument names a path inside `run_dir`.
 fn vmm_kind(args: &[String], run_dir: &Path) -> Option<&'static str> {
     let prog = Path::new(args.first()?).file_name()?.to_string_lossy();
     let kind = if prog.starts_with("qemu-system") {
         "qemu"
     } else if prog == "tandem-vmm" {
         "microvm"
+    } else if prog == "virtiofsd" {
+        // the virtio-fs daemon of a VM (its socket and shared dir are in the run dir)
+        "virtiofsd"
     } else {
         return None;
     };
@@ -119,8 +131,9 @@ fn vmm_kind(args: &[String], run_dir: &Path) -> Option<&'static str> {
         .then_some(kind)
 }
 
-/// The pids of VMM processes (any backend) whose command line names a file in `run_dir`: what a
-/// VM record's run dir finds when its pid was never written (the owner died mid-start).
+/// The pids of VMM processes (any backend, and virtio-fs daemons) whose command line names a file
+/// in `run_dir`: what a VM record's run dir finds when a pid was never written (the owner died
+/// mid-start), and the virtio-fs daemon of the VM.
 pub fn vmms_in(run_dir: &Path) -> Vec<u32> {
     let mut found = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -244,6 +257,15 @@ mod tests {
             vmm_kind(&m, Path::new("/run/tandem-vm/12-pod/")),
             Some("microvm")
         );
+        let v = s(&[
+            "/usr/lib/qemu/virtiofsd",
+            "-f",
+            "--socket-path=/run/tandem-vm/12-pod/virtiofsd.sock",
+            "-o",
+            "source=/run/tandem-vm/12-pod/shared",
+        ]);
+        assert_eq!(vmm_kind(&v, run), Some("virtiofsd"));
+        assert_eq!(vmm_kind(&v, Path::new("/run/tandem-vm/12-po")), None);
         // a program that is no VMM, naming the run dir
         let other = s(&["/bin/sleep", "/run/tandem-vm/12-pod/x"]);
         assert_eq!(vmm_kind(&other, run), None);

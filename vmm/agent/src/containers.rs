@@ -668,6 +668,28 @@ impl Containers {
                 }
                 let (flags, data) = parse_options(&m.options);
                 let fstype = (m.fstype != "bind").then_some(m.fstype.as_str());
+                if m.fstype == "virtiofs" {
+                    // the pod's shared dir (crate::volumes), its device maybe just hot-added
+                    let modules = Path::new("/lib/modules").join(crate::guest::kernel_release());
+                    crate::volumes::load_virtiofs(&modules)
+                        .and_then(|()| {
+                            crate::volumes::mount_virtiofs(
+                                &m.source,
+                                &target,
+                                flags,
+                                &data,
+                                crate::volumes::VIRTIOFS_WAIT,
+                            )
+                        })
+                        .map_err(|e| {
+                            verr(
+                                ttrpc::Code::INVALID_ARGUMENT,
+                                format!("container {id}: {e}"),
+                            )
+                        })?;
+                    mounts.push(target);
+                    continue;
+                }
                 let source = resolve_source(Path::new("/sys/block"), "/dev", &m.source, DISK_WAIT)?;
                 let deadline = std::time::Instant::now() + DISK_WAIT;
                 let do_mount = || {

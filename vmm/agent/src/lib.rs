@@ -22,6 +22,7 @@ pub mod port;
 pub mod reaper;
 pub mod server;
 pub mod userns;
+pub mod volumes;
 
 /// Generated protobuf messages and sync ttrpc client/server of `proto/agent.proto`.
 #[allow(

@@ -7,6 +7,7 @@
 
 mod cmdline;
 mod qmp;
+pub mod virtiofs;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -68,6 +69,10 @@ pub struct QemuConfig {
     /// from the start. Empty: QEMU stays in the caller's cgroups.
     #[serde(default)]
     pub cgroups: Vec<PathBuf>,
+    /// Guest RAM a vhost-user daemon can map (a shared memfd, hugetlb kept), so that a
+    /// virtio-fs device can be hot-added later ([`QemuVm::hot_add_fs`]).
+    #[serde(default)]
+    pub share_memory: bool,
 }
 
 fn default_binary() -> PathBuf {
@@ -88,6 +93,7 @@ impl QemuConfig {
             run_dir: run_dir.into(),
             hotplug_ports: default_ports(),
             cgroups: Vec::new(),
+            share_memory: false,
         }
     }
 }
@@ -160,7 +166,10 @@ impl Qemu {
         let (accel, why) = self.accel();
         tracing::info!(accel = ?accel, "qemu accelerator: {why}");
         let run_dir = &self.config.run_dir;
-        let args = command_line(vm, accel, run_dir, self.config.hotplug_ports)?;
+        let mut args = command_line(vm, accel, run_dir, self.config.hotplug_ports)?;
+        if self.config.share_memory {
+            virtiofs::share_guest_memory(&mut args)?;
+        }
         let created_dir = !run_dir.exists();
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
         let qmp_path = run_dir.join(QMP_SOCKET);
@@ -550,6 +559,46 @@ impl QemuVm {
         &self.run_dir
     }
 
+    /// Hot-adds a `vhost-user-fs-pci` device exporting `tag`, served by the vhost-user daemon
+    /// listening on `socket` (e.g. [`virtiofs::Virtiofsd`]); the VM must have been started with
+    /// [`QemuConfig::share_memory`]. Chardev `vfsN` + device `vfsN-dev`, on a free root port.
+    pub fn hot_add_fs(&mut self, socket: &Path, tag: &str) -> Result<()> {
+        virtiofs::check_tag(tag)?;
+        let chardevs = self.qmp()?.execute("query-chardev", None)?;
+        let taken: Vec<String> = chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["label"].as_str().map(str::to_string))
+            .collect();
+        let id = (0..)
+            .map(|n| format!("vfs{n}"))
+            .find(|id| !taken.contains(id))
+            .expect("a free name");
+        let bus = self.free_port()?;
+        let q = self.qmp()?;
+        let mut r = q.execute("chardev-add", Some(virtiofs::chardev_add_args(&id, socket)));
+        if r.is_err() {
+            // the daemon binds its socket just before it listens
+            std::thread::sleep(Duration::from_millis(100));
+            r = q.execute("chardev-add", Some(virtiofs::chardev_add_args(&id, socket)));
+        }
+        r?;
+        if let Err(e) = q.execute(
+            "device_add",
+            Some(virtiofs::device_add_args(
+                &format!("{id}-dev"),
+                &id,
+                tag,
+                &bus,
+            )),
+        ) {
+            let _ = q.execute("chardev-remove", Some(json!({ "id": id })));
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// IDs of the root ports `hp<N>` that have no device.
     fn free_port(&mut self) -> Result<String> {
         let buses = self.qmp()?.execute("query-pci", None)?;
@@ -752,6 +801,10 @@ impl RunningVm for QemuVm {
             return Err(e);
         }
         Ok(id)
+    }
+
+    fn hot_add_fs(&mut self, socket: &Path, tag: &str) -> Result<()> {
+        QemuVm::hot_add_fs(self, socket, tag)
     }
 
     fn hot_remove_disk(&mut self, id: &str) -> Result<()> {

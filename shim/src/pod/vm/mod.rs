@@ -21,6 +21,7 @@ pub mod cgroup;
 pub mod layers;
 pub mod spec;
 pub mod topology;
+pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -134,6 +135,10 @@ pub struct VmRecord {
     /// before it is made.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// The pod's virtio-fs daemon (directory volumes, [`volumes`]) once started, 0 before; its
+    /// shared dir and the volume binds are under the run dir.
+    #[serde(default)]
+    pub virtiofsd_pid: u32,
 }
 
 /// Root of the host's cgroup hierarchies.
@@ -162,6 +167,9 @@ fn remove_recorded(r: &VmRecord) {
     if r.vmm_pid > 0 && !pids.contains(&r.vmm_pid) {
         pids.push(r.vmm_pid);
     }
+    if r.virtiofsd_pid > 0 && !pids.contains(&r.virtiofsd_pid) {
+        pids.push(r.virtiofsd_pid);
+    }
     for pid in pids {
         match tandem_vmm::kill_recorded(pid, &r.run_dir) {
             Ok(true) => tracing::info!(pid, pod = r.pod, "killed the VM of a dead shim"),
@@ -179,10 +187,9 @@ fn remove_recorded(r: &VmRecord) {
             tracing::warn!(pod = r.pod, "{e}");
         }
     }
-    if let Err(e) = std::fs::remove_dir_all(&r.run_dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("remove {}: {e}", r.run_dir.display());
-        }
+    // the volume binds and the shared dir's tmpfs first: never a recursive remove through them
+    if let Err(e) = volumes::remove_run_dir(&r.run_dir) {
+        tracing::warn!("remove {}: {e}", r.run_dir.display());
     }
 }
 
@@ -231,6 +238,7 @@ pub fn delete_after_crash(state: &StateDir, id: &str) {
         remove_recorded(&r);
         r.containers.retain(|c| c != id);
         r.vmm_pid = 0;
+        r.virtiofsd_pid = 0;
         r.net = None;
         r.cgroup = None;
         let res = if r.containers.is_empty() {
@@ -257,6 +265,8 @@ struct Vm {
     net: Option<crate::net::PodNetwork>,
     /// The pod's host cgroup the VMM runs in.
     cgroup: Option<cgroup::PodCgroup>,
+    /// The virtio-fs daemon of the pod's shared dir, started with the first directory volume.
+    fs: Mutex<Option<tandem_vmm::qemu::virtiofs::Virtiofsd>>,
 }
 
 impl Vm {
@@ -321,6 +331,11 @@ impl Vm {
                 let _ = tandem_vmm::kill_recorded(self.pid, &self.run_dir);
             }
         }
+        if let Some(mut fs) = self.fs.lock().expect("fs poisoned").take() {
+            if let Err(e) = fs.stop() {
+                tracing::warn!(pid = fs.pid(), "stop virtiofsd: {e}");
+            }
+        }
         if let Some(net) = &self.net {
             if let Err(e) = crate::net::teardown(net) {
                 tracing::warn!("{e}");
@@ -331,10 +346,9 @@ impl Vm {
                 tracing::warn!(pid = self.pid, "{e}");
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("remove {}: {e}", self.run_dir.display());
-            }
+        // the volume binds and the shared dir's tmpfs first: never a recursive remove through them
+        if let Err(e) = volumes::remove_run_dir(&self.run_dir) {
+            tracing::warn!("remove {}: {e}", self.run_dir.display());
         }
     }
 }
@@ -662,6 +676,8 @@ struct Ctr {
     private: Vec<PathBuf>,
     /// Shared locks on its cached images: the layer cache's collector (of any shim) leaves them.
     _image_locks: Vec<std::fs::File>,
+    /// It has directory volumes bound in the pod's shared dir (unbound at delete).
+    volumes: bool,
 }
 
 impl Ctr {
@@ -799,6 +815,7 @@ impl VmPod {
             netns: netns_of(spec),
             net: None,
             cgroup: Some(cgroup_rel.clone()),
+            virtiofsd_pid: 0,
         };
         save_record(&self.ctx.state, &record)
             .map_err(|e| Error::Other(format!("VM record of pod {pod}: {e}")))?;
@@ -810,6 +827,8 @@ impl VmPod {
                 Accel::Kvm => QemuAccel::Kvm,
                 Accel::Tcg => QemuAccel::Tcg,
             },
+            // a virtio-fs device may be hot-added later (directory volumes, [`volumes`])
+            share_memory: true,
             ..QemuConfig::new(run_dir.clone())
         };
         let socket = run_dir.join("agent.sock");
@@ -934,6 +953,7 @@ impl VmPod {
             disks: Mutex::new(HashMap::new()),
             net,
             cgroup: cg_slot.lock().expect("cgroup poisoned").take(),
+            fs: Mutex::new(None),
         });
         self.watch_vm(&vm);
         *slot = Some(vm.clone());
@@ -1194,7 +1214,23 @@ impl VmPod {
             spec: gspec,
             files,
             dropped,
+            dirs,
         } = guest;
+            dirs,
+        } = guest;
+        let has_volumes = !dirs.is_empty();
+        if has_volumes {
+            if let Err(e) = self.bind_volumes(vm, &id, dirs).await {
+                self.release(vm, images, private);
+                return Err(e);
+            }
+            mounts.push(Mount {
+                fstype: "virtiofs".into(),
+                source: volumes::FS_TAG.into(),
+                target: volumes::GUEST_SHARED.into(),
+                options: vec![],
+            });
+        }
         if !dropped.is_empty() {
             tracing::warn!(
                 id,
@@ -1213,6 +1249,9 @@ impl VmPod {
         let guest_pid = match created {
             Ok(p) => p,
             Err(e) => {
+                if has_volumes {
+                    self.unbind_volumes(vm, &id).await;
+                }
                 self.release(vm, images, private);
                 return Err(agent_err(e));
             }
@@ -1229,12 +1268,87 @@ impl VmPod {
             images,
             private,
             _image_locks: image_locks,
+            volumes: has_volumes,
         });
         self.containers
             .lock()
             .expect("containers poisoned")
             .insert(id, ctr);
         Ok(vm.pid)
+    }
+
+    /// The pod's shared dir, its virtio-fs daemon started and the device hot-added on first
+    /// use; then binds `dirs` of container `id` in it. Errors name the volume; on error the
+    /// container's binds are undone (the daemon stays for the pod).
+    async fn bind_volumes(
+        &self,
+        vm: &Arc<Vm>,
+        id: &str,
+        dirs: Vec<volumes::DirBind>,
+    ) -> Result<()> {
+        let (v, cid) = (vm.clone(), id.to_string());
+        let started = blocking(move || -> Result<(PathBuf, Option<u32>)> {
+            let shared = v.run_dir.join(volumes::SHARED_DIR);
+            let mut fs = v.fs.lock().expect("fs poisoned");
+            let mut new_pid = None;
+            if fs.is_none() {
+                let t0 = Instant::now();
+                let err =
+                    |e: String| Error::Other(format!("container {cid}: directory volumes: {e}"));
+                let shared = volumes::make_shared_dir(&v.run_dir).map_err(err)?;
+                let mut cfg = tandem_vmm::qemu::virtiofs::VirtiofsdConfig::new(&shared, &v.run_dir);
+                cfg.cgroups = v.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default();
+                let undo = || {
+                    let _ = volumes::unmount_under(&shared);
+                    let _ = std::fs::remove_dir(&shared);
+                };
+                let mut d = match tandem_vmm::qemu::virtiofs::Virtiofsd::start(&cfg) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        undo();
+                        return Err(err(e.to_string()));
+                    }
+                };
+                let added = {
+                    let mut r = v.running.lock().expect("vm poisoned");
+                    match r.as_mut() {
+                        Some(vm) => vm.hot_add_fs(d.socket(), volumes::FS_TAG),
+                        None => Err(tandem_vmm::Error::BadState {
+                            state: "stopped".into(),
+                            op: "add a virtio-fs device".into(),
+                        }),
+                    }
+                };
+                if let Err(e) = added {
+                    let _ = d.stop();
+                    undo();
+                    return Err(err(format!("hot-add of the virtio-fs device: {e}")));
+                }
+                tracing::info!(
+                    pid = d.pid(),
+                    "virtiofsd started and its device hot-added in {:?}",
+                    t0.elapsed()
+                );
+                new_pid = Some(d.pid());
+                *fs = Some(d);
+            }
+            drop(fs);
+            volumes::bind_container(&shared, &cid, &dirs)
+                .map_err(|e| Error::InvalidArgument(format!("container {cid}: {e}")))?;
+            Ok((shared, new_pid))
+        })
+        .await??;
+        if let (_, Some(pid)) = started {
+            self.update_record(|r| r.virtiofsd_pid = pid);
+        }
+        Ok(())
+    }
+
+    /// Undo the volume binds of container `id` on the host.
+    async fn unbind_volumes(&self, vm: &Arc<Vm>, id: &str) {
+        let shared = vm.run_dir.join(volumes::SHARED_DIR);
+        let cid = id.to_string();
+        let _ = blocking(move || volumes::unbind_container(&shared, &cid)).await;
     }
 
     async fn vm(&self) -> Result<Arc<Vm>> {
@@ -1409,6 +1523,9 @@ impl Pod for VmPod {
                     at: SystemTime::now(),
                 }),
         };
+        if ctr.volumes {
+            self.unbind_volumes(&vm, id).await;
+        }
         for p in ctr.procs() {
             p.close_stdin();
             // a process never started has no waiter
@@ -1618,6 +1735,7 @@ mod tests {
             netns: None,
             net: None,
             cgroup: None,
+            virtiofsd_pid: 0,
         };
         save_record(&state, &r).unwrap();
         let path = record_path(&state, "pod1");

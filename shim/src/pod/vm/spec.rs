@@ -11,7 +11,9 @@
 //! [`MAX_FILE_BYTES`] each and [`MAX_FILES_TOTAL_BYTES`] in all — sent with CreateContainer, and
 //! bind-mounted in the guest from `<guest bundle>/files/<n>` with the mount's own options (ro/rw);
 //! a directory bound on `/dev/shm` becomes a tmpfs of the host mount's size; other directories
-//! (emptyDir, hostPath dirs, image volumes) and special files are dropped and logged.
+//! (emptyDir, hostPath dirs, image volumes) are served by virtio-fs ([`super::volumes`]: the guest
+//! binds `<guest bundle>/shared/<id>/<n>`, the shim binds the host dir there); special files are
+//! dropped and logged.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -54,6 +56,9 @@ pub struct GuestSpec {
     pub files: Vec<GuestFile>,
     /// Host bind mounts not given to the guest, as "source -> destination (why)".
     pub dropped: Vec<String>,
+    /// Directory binds served through the pod's shared dir (virtio-fs, [`super::volumes`]); the
+    /// guest spec already binds them from the guest's view of it.
+    pub dirs: Vec<super::volumes::DirBind>,
 }
 
 /// Guest cgroup of a container.
@@ -285,6 +290,7 @@ pub fn guest_spec_with_files(
     let mut out = Vec::new();
     let mut files: Vec<GuestFile> = Vec::new();
     let mut dropped = Vec::new();
+    let mut dirs = Vec::new();
     let mut total = 0u64;
     let mut mountinfo: Option<String> = None;
     if let Some(Value::Array(mounts)) = &mounts {
@@ -314,7 +320,25 @@ pub fn guest_spec_with_files(
                     });
                     out.push(shm_tmpfs(m, &host, mi));
                 } else {
-                    dropped.push(format!("{source} -> {dest} (a directory)"));
+                    // served by virtio-fs: the shim binds it at <shared>/<id>/<i> on the host
+                    let opts: Vec<&str> = m["options"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    let mut g = m.clone();
+                    g["source"] = Value::String(super::volumes::guest_source(guest_bundle, id, i));
+                    g["type"] = Value::String("bind".into());
+                    if m["options"].as_array().is_none() {
+                        g["options"] = json!(["rbind"]);
+                    }
+                    out.push(g);
+                    dirs.push(super::volumes::DirBind {
+                        index: i,
+                        source: host.clone(),
+                        dest: dest.clone(),
+                        readonly: opts.contains(&"ro"),
+                        recursive: opts.contains(&"rbind") || m["options"].as_array().is_none(),
+                    });
                 }
                 continue;
             }
@@ -364,6 +388,7 @@ pub fn guest_spec_with_files(
         spec,
         files,
         dropped,
+        dirs,
     })
 }
 
@@ -519,7 +544,7 @@ mod tests {
     /// files and shm dir, a directory volume, a FIFO, `ctr run --mount` of a file (relative
     /// source: from the bundle).
     #[test]
-    fn host_file_binds_become_guest_files_dirs_are_dropped_shm_is_tmpfs() {
+    fn host_file_binds_become_guest_files_dirs_are_shared_shm_is_tmpfs() {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let sb = t.path().join("sandboxes/abc");
@@ -564,6 +589,7 @@ mod tests {
                 {"destination": "/etc/resolv.conf", "type": "bind", "source": f("2-etc-resolv.conf"), "options": ["rbind", "ro"]},
                 {"destination": "/etc/hostname", "type": "bind", "source": f("3-etc-hostname"), "options": ["bind", "ro"]},
                 {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "ro"]},
+                {"destination": "/data", "type": "bind", "source": "/run/tandem/bundles/c1/shared/c1/5", "options": ["rbind"]},
                 {"destination": "/x", "type": "bind", "source": f("7-x"), "options": ["rbind", "ro"]},
                 {"destination": "/sys", "type": "sysfs", "source": "sysfs"}
             ])
@@ -582,14 +608,19 @@ mod tests {
                 ("7-x", &b"k=v"[..], 0o644),
             ]
         );
-        assert_eq!(g.dropped.len(), 2, "{:?}", g.dropped);
-        assert!(
-            g.dropped[0].ends_with("volume -> /data (a directory)"),
-            "{:?}",
-            g.dropped
+        assert_eq!(
+            g.dirs,
+            vec![super::super::volumes::DirBind {
+                index: 5,
+                source: t.path().join("volume"),
+                dest: "/data".into(),
+                readonly: false,
+                recursive: true,
+            }]
         );
+        assert_eq!(g.dropped.len(), 1, "{:?}", g.dropped);
         assert!(
-            g.dropped[1].ends_with("fifo -> /pipe (not a regular file)"),
+            g.dropped[0].ends_with("fifo -> /pipe (not a regular file)"),
             "{:?}",
             g.dropped
         );
