@@ -14,7 +14,12 @@
 //!   the agent's virtio-serial port), from spawn until the agent logs "serving the agent API" on
 //!   the serial console, then killed.
 //!
-//! Prints each run and the medians. The guest image comes from vmm/guest/build.sh (guest.env).
+//! The two are interleaved (pod start, bare boot, pod start, ...) so that both see the same load.
+//! Prints each run and the medians. The guest image comes from vmm/guest/build.sh (cached;
+//! `TANDEM_GUEST_DIR` picks another image dir).
+//!
+//! With `VM_BENCH_BREAKDOWN=1`, each pod start also prints the shim's log lines of that start
+//! (containerd's log, wall clock) and the guest console (the agent's lines carry guest uptime).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,16 +28,25 @@ use std::time::{Duration, Instant};
 use tandem_tests::*;
 
 fn guest_env() -> (PathBuf, PathBuf) {
-    let env = workspace_dir().join(".tandem-build/guest/guest.env");
-    let text = std::fs::read_to_string(&env)
-        .unwrap_or_else(|e| panic!("{}: {e} (run vmm/guest/build.sh)", env.display()));
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{}: no {k}=", env.display()))
-            .into()
-    };
-    (get("KERNEL"), get("INITRD"))
+    let g = tandem_agent::guest_image::build(&workspace_dir(), false)
+        .unwrap_or_else(|e| panic!("guest image: {e}"));
+    (g.kernel, g.initrd)
+}
+
+/// The guest console of the VM whose run dir (under `run_root`) names the pod `id`.
+fn console_of(run_root: &Path, id: &str) -> String {
+    let short: String = id.chars().take(12).collect();
+    std::fs::read_dir(run_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with(&format!("-{short}"))
+        })
+        .and_then(|e| std::fs::read_to_string(e.path().join("console.log")).ok())
+        .unwrap_or_default()
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -90,12 +104,15 @@ fn main() {
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let accel = args.next().unwrap_or_else(|| "tcg".into());
     let (kernel, initrd) = guest_env();
+    let breakdown = std::env::var("VM_BENCH_BREAKDOWN").is_ok_and(|v| v == "1");
     let cache = tempfile::tempdir().unwrap();
+    let run_root = tempfile::tempdir().unwrap();
     let toml = format!(
-        "mode = \"vm\"\n[vm]\naccel = \"{accel}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nlayer_cache = \"{}\"\n",
+        "mode = \"vm\"\n[vm]\naccel = \"{accel}\"\nkernel = \"{}\"\ninitrd = \"{}\"\nlayer_cache = \"{}\"\nrun_dir = \"{}\"\n",
         kernel.display(),
         initrd.display(),
-        cache.path().display()
+        cache.path().display(),
+        run_root.path().display()
     );
     let c = Containerd::start(Some(&toml)).expect("start containerd");
     c.import_busybox();
@@ -103,8 +120,10 @@ fn main() {
     let cfg = cfg.to_str().unwrap();
     let rt = runtime();
     let mut pod = Vec::new();
+    let mut bare = Vec::new();
     for i in 0..=runs {
         let id = unique_id("vmbench");
+        let log_from = c.log().len();
         let t = Instant::now();
         c.ctr_ok(&[
             "run",
@@ -119,21 +138,26 @@ fn main() {
             "1000",
         ]);
         let took = t.elapsed();
+        if breakdown {
+            println!("--- containerd's log (the shim's lines) of {id}:");
+            println!("{}", &c.log()[log_from..]);
+            println!(
+                "--- guest console of {id}:\n{}",
+                console_of(run_root.path(), &id)
+            );
+        }
         c.remove(&id);
         if i == 0 {
             println!("VM pod start, warm-up (layer image made): {took:?}");
-        } else {
-            println!("VM pod start to container running, run {i}: {took:?}");
-            pod.push(took);
+            continue;
         }
-    }
-    drop(c);
-    let mut bare = Vec::new();
-    for i in 1..=runs {
+        println!("VM pod start to container running, run {i}: {took:?}");
+        pod.push(took);
         let took = bare_boot(&kernel, &initrd, &accel);
         println!("bare QEMU boot to agent ready, run {i}: {took:?}");
         bare.push(took);
     }
+    drop(c);
     let (p, b) = (median(&mut pod), median(&mut bare));
     println!(
         "accelerator {accel}: median VM pod start {p:?}, median bare boot {b:?}, ratio {:.2}",

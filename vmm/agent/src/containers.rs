@@ -314,6 +314,7 @@ fn resolve_source(
                 let dev = Path::new(dev_dir).join(&name);
                 if s.trim_end() == serial && !matches!(size.trim(), "" | "0") && dev.exists() {
                     return Ok(dev.to_string_lossy().into_owned());
+                    tracing::info!(serial, dev = %dev.display(), "disk found");
                 }
             }
         }
@@ -799,6 +800,7 @@ impl Containers {
                 format!("container {id}: exec {exec_id}: process: {e}"),
             )
         })?;
+            tracing::info!(id, mounts = mounts.len(), "rootfs mounted");
         let mut entries = self.entries();
         let e = entries
             .get_mut(id)

@@ -46,9 +46,22 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .without_time()
+        .with_timer(Uptime)
         .with_ansi(false)
         .init();
+}
+
+/// Log timestamps as seconds since the guest booted (CLOCK_BOOTTIME), so that the console shows
+/// where a VM's boot and its first calls spend their time.
+struct Uptime;
+
+impl tracing_subscriber::fmt::time::FormatTime for Uptime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+            .unwrap_or_default();
+        write!(w, "[{t:9.3}]")
+    }
 }
 
 fn run(pid1: bool) -> anyhow::Result<()> {

@@ -79,6 +79,7 @@ impl Agent for Service {
         _: &TtrpcContext,
         _: proto::VersionRequest,
     ) -> ttrpc::Result<proto::VersionResponse> {
+        tracing::info!("Version");
         Ok(proto::VersionResponse {
             agent_version: crate::AGENT_VERSION.to_string(),
             api_version: crate::API_VERSION,
@@ -160,6 +161,7 @@ impl Agent for Service {
                 req.stdin,
             )
             .map_err(rpc)?;
+        tracing::info!(id = %req.container_id, pid, "CreateContainer done");
         Ok(proto::CreateContainerResponse {
             pid: pid as u32,
             ..Default::default()
@@ -171,7 +173,9 @@ impl Agent for Service {
         _: &TtrpcContext,
         req: proto::ContainerRequest,
     ) -> ttrpc::Result<proto::StartContainerResponse> {
+        tracing::info!(id = %req.container_id, "StartContainer");
         let pid = self.containers.start(&req.container_id).map_err(rpc)?;
+        tracing::info!(id = %req.container_id, pid, "StartContainer done");
         Ok(proto::StartContainerResponse {
             pid: pid as u32,
             ..Default::default()

@@ -221,6 +221,51 @@ pub fn command_line(
     Ok(a)
 }
 
+/// Id of the `index`-th disk attached at start by [`cold_disk_args`]: its block node, its
+/// device and the serial the guest sees, named as [`crate::RunningVm::hot_add_disk`] names a
+/// hot-added disk (so that `hot_remove_disk` takes it out the same way).
+pub fn cold_disk_id(index: usize) -> String {
+    format!("hd{index}")
+}
+
+/// Arguments that attach `disks` when QEMU starts, disk `i` on the hot-plug root port `hp<i>`
+/// with the id [`cold_disk_id`]`(i)` (block node `hd<i>` over the file node `hd<i>-file`):
+/// the guest finds them in its boot-time PCI scan instead of through a PCIe hot-plug after boot,
+/// and each can still be hot-removed. At most `hotplug_ports` disks.
+pub fn cold_disk_args(
+    disks: &[crate::config::DiskConfig],
+    hotplug_ports: u8,
+) -> Result<Vec<String>> {
+    if disks.len() > usize::from(hotplug_ports) {
+        return Err(Error::invalid(
+            "cold_disks",
+            format!(
+                "{} disks, but only {hotplug_ports} hot-plug ports to put them on",
+                disks.len()
+            ),
+        ));
+    }
+    let mut a = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let path = utf8(&format!("cold_disks[{i}].path"), &d.path)?;
+        let id = cold_disk_id(i);
+        let bd = json!({
+            "driver": "raw",
+            "node-name": id,
+            "read-only": d.read_only,
+            "file": {"driver": "file", "node-name": format!("{id}-file"), "filename": path,
+                     "read-only": d.read_only},
+        });
+        a.push("-blockdev".to_string());
+        a.push(bd.to_string());
+        a.push("-device".to_string());
+        a.push(format!(
+            "virtio-blk-pci,drive={id},id={id},serial={id},bus=hp{i}"
+        ));
+    }
+    Ok(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +420,39 @@ mod tests {
     fn escape_roundtrip() {
         assert_eq!(opt_escape("/a,b,,c"), "/a,,b,,,,c");
         assert_eq!(opt_unescape(&opt_escape("/a,b,,c")), "/a,b,,c");
+    }
+
+    #[test]
+    fn cold_disks_go_on_the_hot_plug_ports_with_hot_add_ids() {
+        let disks = vec![
+            DiskConfig {
+                path: "/c/layer,1.erofs".into(),
+                read_only: true,
+            },
+            DiskConfig {
+                path: "/c/rw.img".into(),
+                read_only: false,
+            },
+        ];
+        let a = cold_disk_args(&disks, 2).unwrap();
+        assert_eq!(a.len(), 8);
+        assert_eq!(a[0], "-blockdev");
+        let bd: serde_json::Value = serde_json::from_str(&a[1]).unwrap();
+        assert_eq!(bd["node-name"], "hd0");
+        assert_eq!(bd["read-only"], true);
+        assert_eq!(bd["file"]["node-name"], "hd0-file");
+        // JSON syntax: the comma in the path is not doubled
+        assert_eq!(bd["file"]["filename"], "/c/layer,1.erofs");
+        assert_eq!(bd["file"]["read-only"], true);
+        assert_eq!(a[2], "-device");
+        assert_eq!(a[3], "virtio-blk-pci,drive=hd0,id=hd0,serial=hd0,bus=hp0");
+        let bd: serde_json::Value = serde_json::from_str(&a[5]).unwrap();
+        assert_eq!(bd["node-name"], "hd1");
+        assert_eq!(bd["read-only"], false);
+        assert_eq!(a[7], "virtio-blk-pci,drive=hd1,id=hd1,serial=hd1,bus=hp1");
+        assert_eq!(cold_disk_id(1), "hd1");
+        assert!(cold_disk_args(&[], 0).unwrap().is_empty());
+        let e = cold_disk_args(&disks, 1).unwrap_err().to_string();
+        assert!(e.contains("cold_disks") && e.contains("2 disks"), "{e}");
     }
 }

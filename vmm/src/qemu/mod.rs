@@ -25,7 +25,9 @@ use crate::hypervisor::{
     pidfd_exited, pidfd_open, proc_args, Hypervisor, RunningVm, VcpuThread, VmState,
 };
 
-pub use cmdline::{command_line, mac_string, AGENT_PORT, QEMU_LOG, QMP_SOCKET};
+pub use cmdline::{
+    cold_disk_args, cold_disk_id, command_line, mac_string, AGENT_PORT, QEMU_LOG, QMP_SOCKET,
+};
 pub use qmp::Qmp;
 
 /// How long QEMU may take until QMP answers after spawn.
@@ -69,6 +71,11 @@ pub struct QemuConfig {
     /// from the start. Empty: QEMU stays in the caller's cgroups.
     #[serde(default)]
     pub cgroups: Vec<PathBuf>,
+    /// Disks attached at start, each on a hot-plug port of its own (disk `i` on `hp<i>`, id
+    /// [`cold_disk_id`]`(i)`): the guest finds them when it boots, without the PCIe hot-plug
+    /// after boot, and [`RunningVm::hot_remove_disk`] takes them out like hot-added ones.
+    #[serde(default)]
+    pub cold_disks: Vec<DiskConfig>,
     /// Guest RAM a vhost-user daemon can map (a shared memfd, hugetlb kept), so that a
     /// virtio-fs device can be hot-added later ([`QemuVm::hot_add_fs`]).
     #[serde(default)]
@@ -93,6 +100,7 @@ impl QemuConfig {
             run_dir: run_dir.into(),
             hotplug_ports: default_ports(),
             cgroups: Vec::new(),
+            cold_disks: Vec::new(),
             share_memory: false,
         }
     }
@@ -170,6 +178,18 @@ impl Qemu {
         if self.config.share_memory {
             virtiofs::share_guest_memory(&mut args)?;
         }
+        for (i, d) in self.config.cold_disks.iter().enumerate() {
+            if !d.path.is_file() {
+                return Err(Error::invalid(
+                    format!("cold_disks[{i}].path"),
+                    format!("{}: not a regular file", d.path.display()),
+                ));
+            }
+        }
+        args.extend(cold_disk_args(
+            &self.config.cold_disks,
+            self.config.hotplug_ports,
+        )?);
         let created_dir = !run_dir.exists();
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
         let qmp_path = run_dir.join(QMP_SOCKET);
