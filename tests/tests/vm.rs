@@ -1491,6 +1491,167 @@ fn vm_host_userns_path_without_mappings_is_refused_before_boot() {
     assert_eq!(host_ranges_of(&c.namespace, &id), Vec::<String>::new());
 }
 
+/// Issue 4, "capabilities are namespaced", in VM mode: a CRI pod with `[userns] mode = "pod"`
+/// runs in a network namespace of the guest owned by the pod's user namespace, with the pod's NIC
+/// moved in (addresses, routes kept: the pod IP answers ping from the host). A container given
+/// CAP_NET_ADMIN (not privileged) makes a VLAN and a macvlan link on eth0 and sets its MTU; a
+/// container without it is refused (EPERM) and sees the same links (one netns for the pod). The
+/// host files bound in (/etc/hosts, /etc/resolv.conf) belong to the pod's root, which can write
+/// them as on the host. Nothing of this shows in the host's network namespace.
+#[test]
+fn cri_vm_pod_userns_root_with_net_admin_owns_the_pod_network() {
+    use tandem_tests::cri::{ContainerSpec, Cri};
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env(&userns_toml());
+    let spec = vm_pod_spec(&env, "vmnetadm");
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    let mut make = |name: &str, caps: &[&str]| {
+        let c = env
+            .cri
+            .create_container(
+                &pod_id,
+                &pod_cfg,
+                &ContainerSpec {
+                    name: name.into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["sleep".into(), "1000".into()],
+                    add_capabilities: caps.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        env.cri.start_container(&c).expect("start");
+        c
+    };
+    let admin = make("netadmin", &["NET_ADMIN"]);
+    let plain = make("plain", &[]);
+    let sh = |cri: &mut Cri, id: &str, cmd: &str| {
+        let r = cri.exec_sync(id, &["sh", "-c", cmd]).expect("ExecSync");
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
+    };
+    let ok = |cri: &mut Cri, id: &str, cmd: &str| {
+        let (code, out, err) = sh(cri, id, cmd);
+        assert_eq!(code, 0, "{cmd}: {out}{err}");
+        out
+    };
+    // the pod's user namespace, and the pod IP on eth0 in the pod's netns
+    assert_eq!(
+        probe_lines(&ok(&mut env.cri, &admin, "cat /proc/self/uid_map"))[0],
+        GUEST_USERNS
+    );
+    let status = env.cri.pod_status(&pod_id).expect("PodSandboxStatus");
+    let ip = status
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    assert!(ip.starts_with("198.19."), "pod IP {ip:?}");
+    let net = ok(&mut env.cri, &admin, "ip -o addr show eth0; ip route");
+    assert!(net.contains(&format!("inet {ip}/")), "{net}");
+    assert!(
+        net.contains("default via"),
+        "the default route came along: {net}"
+    );
+    // without CAP_NET_ADMIN: refused
+    for cmd in [
+        "ip link set eth0 mtu 1300",
+        "ip link add link eth0 name eth0.200 type vlan id 200",
+    ] {
+        let (code, out, err) = sh(&mut env.cri, &plain, cmd);
+        assert_ne!(code, 0, "{cmd} without CAP_NET_ADMIN: {out}{err}");
+        assert!(
+            err.contains("Operation not permitted"),
+            "{cmd} without CAP_NET_ADMIN: {err}"
+        );
+    }
+    // with it: VLAN, macvlan, MTU
+    for cmd in [
+        "ip link add link eth0 name eth0.100 type vlan id 100",
+        "ip link add link eth0 name mv0 type macvlan",
+        "ip link set eth0 mtu 1400",
+        "ip link set eth0.100 up",
+        "ip addr add 198.18.100.2/24 dev eth0.100",
+    ] {
+        ok(&mut env.cri, &admin, cmd);
+    }
+    // busybox ip has no -d: the kernel's VLAN table names the VLAN's id and parent
+    let links = ok(
+        &mut env.cri,
+        &admin,
+        "ip -o link; cat /proc/net/vlan/config",
+    );
+    eprintln!("links of the pod netns: {links}");
+    assert!(links.contains("eth0.100@eth0"), "{links}");
+    assert!(
+        probe_lines(&links)
+            .iter()
+            .any(|l| l == "eth0.100 | 100 | eth0"),
+        "a VLAN with id 100 on eth0: {links}"
+    );
+    assert!(links.contains("mv0@eth0"), "{links}");
+    let eth0 = ok(
+        &mut env.cri,
+        &plain,
+        "ip -o link show eth0; ip -o link; ip -o addr",
+    );
+    assert!(eth0.contains("mtu 1400"), "{eth0}");
+    assert!(
+        eth0.contains("eth0.100@eth0") && eth0.contains("mv0@eth0"),
+        "the other container is in the same netns: {eth0}"
+    );
+    assert!(eth0.contains("inet 198.18.100.2/24"), "{eth0}");
+    // the NIC kept its address and routes through the move: the pod IP answers from the host
+    wait_for(
+        "the pod IP answers ping from the host",
+        Duration::from_secs(20),
+        || {
+            Command::new("busybox")
+                .args(["ping", "-c", "1", "-W", "1", &ip])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    );
+    let host_links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let host_links = String::from_utf8_lossy(&host_links.stdout);
+    assert!(
+        !host_links.contains("eth0.100") && !host_links.contains(" mv0"),
+        "{host_links}"
+    );
+    // host files belong to the pod's root, which writes them as on the host (kubelet binds
+    // /etc/hosts read-write; each container of a VM pod has its own copy)
+    let st = ok(
+        &mut env.cri,
+        &plain,
+        "stat -c %u:%g /etc/hosts /etc/resolv.conf",
+    );
+    assert_eq!(probe_lines(&st), ["0:0", "0:0"], "{st}");
+    ok(
+        &mut env.cri,
+        &plain,
+        "echo '198.18.100.9 written-by-pod-root' >> /etc/hosts",
+    );
+    let hosts = ok(&mut env.cri, &plain, "cat /etc/hosts");
+    assert!(
+        hosts.contains("198.18.100.9 written-by-pod-root"),
+        "{hosts}"
+    );
+
+    let vms = qemus_of(&pod_id);
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(vms[0].0, Duration::from_secs(5));
+    assert!(qemus_of(&pod_id).is_empty(), "{:?}", qemus_of(&pod_id));
+}
+
 /// virtio-fs daemons (QEMU 7.2's virtiofsd) whose command line names `needle`.
 fn virtiofsds(needle: &str) -> Vec<(i32, String)> {
     processes_matching(needle)

@@ -238,6 +238,7 @@ pub struct Containers {
     reaper: Reaper,
     entries: Mutex<HashMap<String, Entry>>,
     pod_userns: crate::userns::PodUserns,
+    pod_net: crate::podnet::PodNet,
 }
 
 fn validate_id(kind: &str, id: &str) -> VResult<()> {
@@ -430,6 +431,58 @@ impl Containers {
     }
 }
 
+impl Containers {
+    /// The pod's network (ConfigureNetwork records its NICs and routes here).
+    pub fn pod_net(&self) -> &crate::podnet::PodNet {
+        &self.pod_net
+    }
+
+    /// Make the pod's network namespace when the spec joins [`crate::podnet::POD_NETNS`]: only
+    /// with the pod user namespace, which owns it.
+    fn pod_netns_for(&self, id: &str, spec: &tandem_oci::Spec) -> VResult<()> {
+        use crate::podnet::{netns_path_of, POD_NETNS};
+        use crate::userns::{of_spec, POD_USERNS};
+        if netns_path_of(spec).as_deref() != Some(POD_NETNS) {
+            return Ok(());
+        }
+        let bad = |msg: String| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: {msg}"),
+            )
+        };
+        if of_spec(spec).and_then(|u| u.path).as_deref() != Some(POD_USERNS) {
+            return Err(bad(format!(
+                "linux.namespaces: the pod network namespace {POD_NETNS} is only for containers in the pod user namespace {POD_USERNS}"
+            )));
+        }
+        self.pod_net
+            .ensure(&self.reaper, Path::new(POD_USERNS), Path::new(POD_NETNS))
+            .map_err(|e| {
+                verr(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {id}: pod network namespace {POD_NETNS}: {e}"),
+                )
+            })
+    }
+}
+
+/// Give the files written under `<bundle>/files` to the container's root (guest IDs), so that
+/// the pod's root may write the ones bound read-write (kubelet's /etc/hosts), as on the host.
+fn own_files(bundle: &Path, files: &[FileReq], (uid, gid): (u32, u32)) -> VResult<()> {
+    let base = bundle.join(FILES_DIR);
+    for f in files {
+        let path = inside(&base, &f.path)?;
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| {
+            verr(
+                ttrpc::Code::INTERNAL,
+                format!("chown {} to {uid}:{gid}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Idmap the image layer just mounted at `target` with the container's user namespace, unless
 /// its root is already owned by the container's root (a chown'ed copy).
 fn idmap_layer(id: &str, target: &Path, ns: &OwnedFd, root: Option<(u32, u32)>) -> VResult<()> {
@@ -577,6 +630,7 @@ impl Containers {
             reaper,
             entries: Mutex::new(HashMap::new()),
             pod_userns: Default::default(),
+            pod_net: Default::default(),
         }
     }
 
@@ -636,6 +690,7 @@ impl Containers {
             )
         })?;
         let userns = self.userns_for(id, &spec, rootfs)?;
+        self.pod_netns_for(id, &spec)?;
         let bundle = self.bundles.join(id);
         std::fs::create_dir_all(&self.bundles).map_err(|e| {
             verr(
@@ -653,6 +708,10 @@ impl Containers {
         let result = (|| {
             write_files(&bundle, files)
                 .map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
+            if let Some((_, Some(root))) = &userns {
+                own_files(&bundle, files, *root)
+                    .map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
+            }
             for m in rootfs {
                 let target = inside(&bundle, &m.target)?;
                 std::fs::create_dir_all(&target).map_err(|e| {

@@ -18,6 +18,7 @@ pub mod guest;
 pub mod guest_image;
 pub mod modules;
 pub mod network;
+pub mod podnet;
 pub mod port;
 pub mod reaper;
 pub mod server;

@@ -112,7 +112,7 @@ pub fn validate(ifaces: &[Iface], routes: &[Route]) -> Result<(), String> {
 }
 
 /// `ip` arguments (after the binary's `ip`) that add route `r`.
-fn route_args(r: &Route) -> Result<Vec<String>, String> {
+pub fn route_args(r: &Route) -> Result<Vec<String>, String> {
     let (v6, dest) = match r.dest.as_str() {
         "default" => (false, "default".to_string()),
         "default6" => (true, "default".to_string()),

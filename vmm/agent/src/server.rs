@@ -390,6 +390,8 @@ impl Agent for Service {
         }
         let configured = crate::network::configure(&self.reaper, &ifaces, &routes)
             .map_err(|e| status(Code::FAILED_PRECONDITION, format!("ConfigureNetwork: {e}")))?;
+        // moved into the pod's network namespace when one is made (crate::podnet)
+        self.containers.pod_net().record(&ifaces, &routes);
         Ok(proto::ConfigureNetworkResponse {
             configured,
             ..Default::default()

@@ -444,9 +444,18 @@ pub fn guest_userns(host: &Value, guest: &mut Value, pod_policy: bool) -> Result
     let ns = g["namespaces"].as_array_mut().expect("an array");
     ns.retain(|n| n["type"] != "user");
     ns.push(json!({"type": "user", "path": tandem_agent::userns::POD_USERNS}));
+    pod_netns(ns);
     g["uidMappings"] = uid;
     g["gidMappings"] = gid;
     Ok(true)
+}
+
+/// A container in the pod user namespace also joins the pod's network namespace the agent makes
+/// owned by it ([`tandem_agent::podnet::POD_NETNS`], with the pod's NICs moved in), so that
+/// CAP_NET_ADMIN of the pod's root is over the pod's network (docs/userns.md, "VM mode").
+fn pod_netns(ns: &mut Vec<Value>) {
+    ns.retain(|n| n["type"] != "network");
+    ns.push(json!({"type": "network", "path": tandem_agent::podnet::POD_NETNS}));
 }
 
 /// Whether a guest spec runs in the pod's user namespace ([`guest_userns`]).
@@ -724,6 +733,7 @@ mod tests {
 
     #[test]
     fn userns_by_policy_given_or_refused() {
+        use tandem_agent::podnet::POD_NETNS;
         use tandem_agent::userns::POD_USERNS;
         let host = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
         let mut g = host.clone();
@@ -736,7 +746,8 @@ mod tests {
         assert!(in_pod_userns(&g));
         assert_eq!(
             g["linux"]["namespaces"],
-            json!([{"type": "pid"}, {"type": "mount"}, {"type": "user", "path": POD_USERNS}])
+            json!([{"type": "pid"}, {"type": "mount"}, {"type": "user", "path": POD_USERNS},
+                   {"type": "network", "path": POD_NETNS}])
         );
         let m = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
         assert_eq!(g["linux"]["uidMappings"], m);
@@ -750,7 +761,7 @@ mod tests {
         assert!(guest_userns(&host, &mut g, true).unwrap());
         assert_eq!(
             g["linux"]["namespaces"],
-            json!([{"type": "user", "path": POD_USERNS}])
+            json!([{"type": "user", "path": POD_USERNS}, {"type": "network", "path": POD_NETNS}])
         );
         assert_eq!(g["linux"]["uidMappings"][0]["hostID"], 300000);
         assert_eq!(g["linux"]["gidMappings"][0]["hostID"], 400000);
