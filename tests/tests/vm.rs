@@ -242,6 +242,12 @@ fn detached_vm_exec_pause_resume_stats_kill() {
     let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(cmd.contains("qemu-system"), "task pid {pid} is QEMU: {cmd}");
     assert_eq!(tandem_qemus().len(), 1, "one VM");
+    // the first container's layer is on QEMU's command line (attached at boot on hot-plug port
+    // hp0, the serial the agent mounts by), not hot-added after the boot
+    assert!(
+        cmd.contains("virtio-blk-pci,drive=hd0,id=hd0,serial=hd0,bus=hp0"),
+        "layer disk cold-plugged: {cmd:?}"
+    );
 
     // exec: output and exit code travel back
     let o = c.ctr(&[

@@ -252,6 +252,55 @@ pub fn delete_after_crash(state: &StateDir, id: &str) {
     }
 }
 
+/// The erofs images of a container's layers, top first.
+struct Images {
+    images: Vec<PathBuf>,
+    /// Images of private layers (in the run dir), removed with the container.
+    private: Vec<PathBuf>,
+    /// Shared locks on the cached images (see [`layers::CachedImage`]).
+    locks: Vec<std::fs::File>,
+}
+
+/// Make (or find in the cache) the images of `plan`; private ones go to `<run_dir>/<id>-<i>.erofs`.
+/// On error nothing private is left.
+fn make_images(plan: &[layers::Layer], cache: &Path, run_dir: &Path, id: &str) -> Result<Images> {
+    let mut m = Images {
+        images: Vec::new(),
+        private: Vec::new(),
+        locks: Vec::new(),
+    };
+    for (i, l) in plan.iter().enumerate() {
+        let own = run_dir.join(format!("{id}-{i}.erofs"));
+        match layers::image(l, cache, &own) {
+            Ok(img) => {
+                if matches!(l, layers::Layer::Private(_)) {
+                    m.private.push(img.path.clone());
+                }
+                m.locks.extend(img.lock);
+                m.images.push(img.path);
+            }
+            Err(e) => {
+                for p in &m.private {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(Error::Other(format!("container {id}: {e}")));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// `paths` without repeats, in first-seen order.
+fn unique(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        if !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
 /// The running VM of the pod.
 struct Vm {
     agent: Arc<AgentClient>,
@@ -774,8 +823,10 @@ impl VmPod {
         }
     }
 
-    /// The pod's VM, booted on first use from the spec of the first container.
-    async fn ensure_vm(&self, spec: &Value, pod: &str) -> Result<Arc<Vm>> {
+    /// The pod's VM, booted on first use from the spec of the first container. When it boots,
+    /// the images `cold` (the first container's layers) are attached from the start, so that
+    /// the guest finds them at boot instead of through a PCIe hot-plug after it.
+    async fn ensure_vm(&self, spec: &Value, pod: &str, cold: &[PathBuf]) -> Result<Arc<Vm>> {
         let mut slot = self.vm.lock().await;
         if let Some(vm) = &*slot {
             if vm.dead() {
@@ -827,6 +878,13 @@ impl VmPod {
                 Accel::Kvm => QemuAccel::Kvm,
                 Accel::Tcg => QemuAccel::Tcg,
             },
+            cold_disks: cold
+                .iter()
+                .map(|p| tandem_vmm::DiskConfig {
+                    path: p.clone(),
+                    read_only: true,
+                })
+                .collect(),
             // a virtio-fs device may be hot-added later (directory volumes, [`volumes`])
             share_memory: true,
             ..QemuConfig::new(run_dir.clone())
@@ -950,7 +1008,13 @@ impl VmPod {
                 .map(|r| r.run_dir.clone())
                 .unwrap_or_default(),
             dead: Arc::new(AtomicBool::new(false)),
-            disks: Mutex::new(HashMap::new()),
+            // attached at boot, not used yet: each use of the container's attach counts
+            disks: Mutex::new(
+                cold.iter()
+                    .enumerate()
+                    .map(|(i, p)| (p.clone(), (tandem_vmm::qemu::cold_disk_id(i), 0)))
+                    .collect(),
+            ),
             net,
             cgroup: cg_slot.lock().expect("cgroup poisoned").take(),
             fs: Mutex::new(None),
@@ -1094,9 +1158,23 @@ impl VmPod {
             .as_ref()
             .map(|r| r.pod.clone())
             .unwrap_or_else(|| id.clone());
-        let vm = self.ensure_vm(&host_spec, &pod).await?;
+        let root_path = host_spec["root"]["path"]
+            .as_str()
+            .unwrap_or("rootfs")
+            .to_string();
+        let plan = layers::plan(&opts.mounts, &opts.bundle, &root_path)
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        let early = self.images_before_boot(&id, &plan).await?;
+        // on the hot-plug ports, one each; more than there are: all hot-added as before
+        let ports = usize::from(QemuConfig::new(PathBuf::new()).hotplug_ports);
+        let cold = early
+            .as_ref()
+            .map(|m| unique(&m.images))
+            .filter(|c| c.len() <= ports)
+            .unwrap_or_default();
+        let vm = self.ensure_vm(&host_spec, &pod, &cold).await?;
         self.update_record(|r| r.containers.push(id.clone()));
-        let r = self.make_container(&vm, &opts, host_spec, guest).await;
+        let r = self.make_container(&vm, &opts, guest, plan, early).await;
         match r {
             Ok(pid) => Ok(pid),
             Err(e) => {
@@ -1106,49 +1184,50 @@ impl VmPod {
         }
     }
 
+    /// The first container's layer images, made before the VM boots so that they are attached
+    /// from the start: only when the pod has no VM yet and every layer is a cached one (a
+    /// private image lives in the VM's run dir, made after boot).
+    async fn images_before_boot(&self, id: &str, plan: &[layers::Layer]) -> Result<Option<Images>> {
+        let booted = self.vm.lock().await.is_some();
+        if booted || plan.is_empty() || plan.iter().any(|l| matches!(l, layers::Layer::Private(_)))
+        {
+            return Ok(None);
+        }
+        let (plan, cache, cid) = (plan.to_vec(), self.cfg.layer_cache.clone(), id.to_string());
+        // no private layer: the run dir is not used
+        let m =
+            blocking(move || make_images(&plan, &cache, Path::new("/nonexistent"), &cid)).await??;
+        tracing::info!(
+            id,
+            images = m.images.len(),
+            "layer images ready before boot"
+        );
+        Ok(Some(m))
+    }
+
     async fn make_container(
         &self,
         vm: &Arc<Vm>,
         opts: &CreateOpts,
-        host_spec: Value,
         guest: spec::GuestSpec,
+        plan: Vec<layers::Layer>,
+        early: Option<Images>,
     ) -> Result<u32> {
         let id = opts.id.clone();
-        let root_path = host_spec["root"]["path"]
-            .as_str()
-            .unwrap_or("rootfs")
-            .to_string();
-        let plan = layers::plan(&opts.mounts, &opts.bundle, &root_path)
-            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
-        let cache = self.cfg.layer_cache.clone();
-        let run_dir = vm.run_dir.clone();
-        let cid = id.clone();
-        let made = blocking(move || {
-            let mut images = Vec::new();
-            let mut private = Vec::new();
-            let mut locks = Vec::new();
-            for (i, l) in plan.iter().enumerate() {
-                let own = run_dir.join(format!("{cid}-{i}.erofs"));
-                match layers::image(l, &cache, &own) {
-                    Ok(img) => {
-                        if matches!(l, layers::Layer::Private(_)) {
-                            private.push(img.path.clone());
-                        }
-                        locks.extend(img.lock);
-                        images.push(img.path);
-                    }
-                    Err(e) => {
-                        for p in &private {
-                            let _ = std::fs::remove_file(p);
-                        }
-                        return Err(Error::Other(format!("container {cid}: {e}")));
-                    }
-                }
+        let made = match early {
+            Some(m) => m,
+            None => {
+                let (cache, run_dir, cid) =
+                    (self.cfg.layer_cache.clone(), vm.run_dir.clone(), id.clone());
+                blocking(move || make_images(&plan, &cache, &run_dir, &cid)).await??
             }
-            Ok((images, private, locks))
-        })
-        .await??;
-        let (images, private, image_locks) = made;
+        };
+        let Images {
+            images,
+            private,
+            locks: image_locks,
+        } = made;
+        tracing::info!(id, images = images.len(), "layer images ready");
         let v = vm.clone();
         let imgs = images.clone();
         let attached = blocking(move || {
@@ -1168,7 +1247,10 @@ impl VmPod {
         })
         .await?;
         let serials = match attached {
-            Ok(s) => s,
+            Ok(s) => {
+                tracing::info!(id, ?s, "layer disks attached");
+                s
+            }
             Err(e) => {
                 for p in &private {
                     let _ = std::fs::remove_file(p);
@@ -1216,8 +1298,6 @@ impl VmPod {
             dropped,
             dirs,
         } = guest;
-            dirs,
-        } = guest;
         let has_volumes = !dirs.is_empty();
         if has_volumes {
             if let Err(e) = self.bind_volumes(vm, &id, dirs).await {
@@ -1247,7 +1327,10 @@ impl VmPod {
         })
         .await?;
         let guest_pid = match created {
-            Ok(p) => p,
+            Ok(p) => {
+                tracing::info!(id, "container created in the guest");
+                p
+            }
             Err(e) => {
                 if has_volumes {
                     self.unbind_volumes(vm, &id).await;
