@@ -1821,6 +1821,19 @@ fn vm_directory_volumes_rw_ro_symlink_escape_and_cleanup() {
     );
     let mounts = host_mounts_under(&run_dir);
     assert_eq!(mounts.len(), 3, "shared tmpfs + 2 binds: {mounts:?}");
+    // figures: the shim's daemon start + hot-plug, the guest's module load and mount wait
+    let log = c.log();
+    let hot: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("virtiofsd started and its device hot-added"))
+        .collect();
+    for l in &hot {
+        eprintln!("shim: {l}");
+    }
+    let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    for l in console.lines().filter(|l| l.contains("virtio-fs")) {
+        eprintln!("guest: {l}");
+    }
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
     c.wait_task_status(&id, "STOPPED", Duration::from_secs(15));
