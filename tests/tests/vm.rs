@@ -534,7 +534,8 @@ fn cri_pod_with_two_containers_in_one_vm() {
 
     let shims = shims_of(&env.containerd);
     assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
-    let vms = tandem_qemus();
+    // this pod's QEMUs only: other VM tests may run on the machine at the same time
+    let vms = qemus_of(&pod_id);
     assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
     let qemu = vms[0].0;
     let ppid = std::fs::read_to_string(format!("/proc/{qemu}/stat"))
@@ -556,7 +557,7 @@ fn cri_pod_with_two_containers_in_one_vm() {
         shims_of(&env.containerd).is_empty()
     });
     wait_no_qemu(qemu, Duration::from_secs(5));
-    assert!(tandem_qemus().is_empty(), "{:?}", tandem_qemus());
+    assert!(qemus_of(&pod_id).is_empty(), "{:?}", qemus_of(&pod_id));
     let left: Vec<_> = cg_dirs.iter().filter(|d| d.exists()).collect();
     assert!(
         left.is_empty(),
