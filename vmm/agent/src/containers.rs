@@ -314,8 +314,8 @@ fn resolve_source(
                 let size = std::fs::read_to_string(e.path().join("size")).unwrap_or_default();
                 let dev = Path::new(dev_dir).join(&name);
                 if s.trim_end() == serial && !matches!(size.trim(), "" | "0") && dev.exists() {
-                    return Ok(dev.to_string_lossy().into_owned());
                     tracing::info!(serial, dev = %dev.display(), "disk found");
+                    return Ok(dev.to_string_lossy().into_owned());
                 }
             }
         }
@@ -800,6 +800,7 @@ impl Containers {
                     format!("write {}/config.json: {e}", bundle.display()),
                 )
             })?;
+            tracing::info!(id, mounts = mounts.len(), "rootfs mounted");
             let (stdio, stdin_w, out_r, err_r) = make_stdio(stdin)?;
             let (container, spawned) = {
                 let mut table = self.reaper.lock();
@@ -859,7 +860,6 @@ impl Containers {
                 format!("container {id}: exec {exec_id}: process: {e}"),
             )
         })?;
-            tracing::info!(id, mounts = mounts.len(), "rootfs mounted");
         let mut entries = self.entries();
         let e = entries
             .get_mut(id)

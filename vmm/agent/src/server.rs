@@ -392,6 +392,7 @@ impl Agent for Service {
             .map_err(|e| status(Code::FAILED_PRECONDITION, format!("ConfigureNetwork: {e}")))?;
         // moved into the pod's network namespace when one is made (crate::podnet)
         self.containers.pod_net().record(&ifaces, &routes);
+        tracing::info!("ConfigureNetwork done");
         Ok(proto::ConfigureNetworkResponse {
             configured,
             ..Default::default()
