@@ -104,15 +104,17 @@ impl Qemu {
             dir,
             started: Instant::now(),
         };
-        // The socket exists once QEMU has set up its chardevs.
+        // The socket is ready once QEMU listens on it: it binds (the file appears) before it
+        // listens, and a connect in between is refused (seen once in CI), so wait for the
+        // listening entry in /proc/net/unix, not for the file.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !q.socket.exists() {
+        while !listening(&q.socket) {
             if let Some(status) = q.try_wait() {
                 return Err(format!("qemu exited early ({status}): {}", q.stderr()));
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "qemu made no socket {} within 10 s",
+                    "qemu did not listen on {} within 10 s",
                     q.socket.display()
                 ));
             }
@@ -315,4 +317,19 @@ pub fn container_lifecycle(c: &tandem_agent::client::AgentClient, id: &str, root
     c.remove_container(id).expect("RemoveContainer");
     let err = c.start_container(id).unwrap_err().to_string();
     assert!(err.contains("not found"), "{err}");
+}
+
+/// Whether a unix socket is bound at `path` and listening: /proc/net/unix lists it with the
+/// `__SO_ACCEPTCON` flag (00010000) once listen() was called.
+pub fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x10000 != 0)
+    })
 }
