@@ -187,7 +187,20 @@ pub fn find_by_mac(sys_class_net: &Path, mac: &str) -> Option<String> {
 }
 
 fn ip(reaper: &Reaper, args: &[String]) -> Result<(), String> {
-    let mut argv = vec![IP.to_string(), "ip".to_string()];
+    ip_in(reaper, None, args)
+}
+
+/// `busybox ip <args>`, in the network namespace at `netns` when given.
+pub(crate) fn ip_in(reaper: &Reaper, netns: Option<&Path>, args: &[String]) -> Result<(), String> {
+    let mut argv = vec![IP.to_string()];
+    if let Some(ns) = netns {
+        argv.extend([
+            "nsenter".to_string(),
+            format!("--net={}", ns.display()),
+            IP.to_string(),
+        ]);
+    }
+    argv.push("ip".into());
     argv.extend(args.iter().cloned());
     let o = command::run(
         reaper,
@@ -200,8 +213,11 @@ fn ip(reaper: &Reaper, args: &[String]) -> Result<(), String> {
     .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
     if o.exit_code != 0 {
         return Err(format!(
-            "ip {}: exit {} signal {}: {}",
+            "ip {}{}: exit {} signal {}: {}",
             args.join(" "),
+            netns
+                .map(|n| format!(" (in {})", n.display()))
+                .unwrap_or_default(),
             o.exit_code,
             o.signal,
             String::from_utf8_lossy(&o.stderr).trim()

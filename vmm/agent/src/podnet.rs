@@ -23,10 +23,8 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use crate::command;
-use crate::network::{iface_plan, route_args, Iface, Route, IP};
+use crate::network::{iface_plan, ip_in, route_args, Iface, Route};
 use crate::reaper::Reaper;
 
 /// Path of the pod's network namespace in the guest (a bind mount of an nsfs file).
@@ -167,42 +165,6 @@ fn reap(pid: i32) {
     let mut st = 0;
     // SAFETY: reap our own helper (the agent's reaper may have done it: ECHILD then).
     unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
-}
-
-/// `busybox ip <args>`, in the network namespace at `netns` when given.
-fn ip_in(reaper: &Reaper, netns: Option<&Path>, args: &[String]) -> R<()> {
-    let mut argv = vec![IP.to_string()];
-    if let Some(ns) = netns {
-        argv.extend([
-            "nsenter".to_string(),
-            format!("--net={}", ns.display()),
-            IP.to_string(),
-        ]);
-    }
-    argv.push("ip".into());
-    argv.extend(args.iter().cloned());
-    let o = command::run(
-        reaper,
-        command::Spec {
-            argv,
-            timeout: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if o.exit_code != 0 {
-        return Err(format!(
-            "ip {}{}: exit {} signal {}: {}",
-            args.join(" "),
-            netns
-                .map(|n| format!(" (in {})", n.display()))
-                .unwrap_or_default(),
-            o.exit_code,
-            o.signal,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

@@ -191,7 +191,7 @@ fn read_small(path: &Path, max: u64) -> Result<(Vec<u8>, u32), String> {
 }
 
 /// Undo mountinfo's octal escapes (`\040` for a space).
-fn unescape_mountinfo(s: &str) -> String {
+pub(super) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

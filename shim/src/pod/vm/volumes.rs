@@ -228,32 +228,12 @@ pub fn unbind_container(shared: &Path, id: &str) {
     let _ = std::fs::remove_dir(&dir);
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Mount points at or below `dir` in a mountinfo text, deepest (last mounted) first.
 pub fn mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .map(|p| PathBuf::from(super::spec::unescape_mountinfo(p)))
         .filter(|p| p.starts_with(dir))
         .collect();
     found.reverse();
@@ -336,7 +316,10 @@ mod tests {
                 PathBuf::from("/run/tandem-vm/1-p/shared"),
             ]
         );
-        assert_eq!(unescape_mountinfo("/a\\040b\\011c"), "/a b\tc");
+        assert_eq!(
+            super::super::spec::unescape_mountinfo("/a\\040b\\011c"),
+            "/a b\tc"
+        );
     }
 
     /// Real mounts (root): the shared tmpfs, a rw and a ro bind (ro refuses writes, rw writes
