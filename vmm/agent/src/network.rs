@@ -226,6 +226,62 @@ pub(crate) fn ip_in(reaper: &Reaper, netns: Option<&Path>, args: &[String]) -> R
     Ok(())
 }
 
+/// An `ifreq` naming `name`, and a datagram socket to ask about it.
+fn ifreq_for(name: &str) -> Result<(libc::ifreq, std::os::fd::OwnedFd), String> {
+    let bytes = name.as_bytes();
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(format!("link {name:?}: not an interface name"));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("link {name}: socket: {e}"))?;
+    Ok((req, sock))
+}
+
+/// The flags (IFF_*) of the link `name` in the calling thread's network namespace.
+pub fn link_flags(name: &str) -> Result<libc::c_int, String> {
+    use std::os::fd::AsRawFd;
+    let (mut req, sock) = ifreq_for(name)?;
+    // SAFETY: SIOCGIFFLAGS writes ifru_flags of the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(format!(
+            "link {name}: SIOCGIFFLAGS: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the member SIOCGIFFLAGS filled.
+    Ok(unsafe { req.ifr_ifru.ifru_flags } as u16 as libc::c_int)
+}
+
+/// Set IFF_UP on the link `name` of the calling thread's network namespace: two ioctls instead
+/// of a forked `ip` (which cost ~0.08 s of every pod start under TCG).
+pub fn link_up(name: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let flags = link_flags(name)?;
+    if flags & libc::IFF_UP != 0 {
+        return Ok(());
+    }
+    let (mut req, sock) = ifreq_for(name)?;
+    req.ifr_ifru.ifru_flags = (flags | libc::IFF_UP) as u16 as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(format!(
+            "link {name}: SIOCSIFFLAGS: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// How long a NIC may take to appear (a hot-added one is probed after the request can arrive).
 const NIC_WAIT: Duration = Duration::from_secs(10);
 
@@ -238,16 +294,7 @@ pub fn configure(
     validate(ifaces, routes)?;
     let sys = Path::new("/sys/class/net");
     let mut done = Vec::new();
-    ip(
-        reaper,
-        &[
-            "link".into(),
-            "set".into(),
-            "dev".into(),
-            "lo".into(),
-            "up".into(),
-        ],
-    )?;
+    link_up("lo")?;
     for f in ifaces {
         let deadline = Instant::now() + NIC_WAIT;
         let current = loop {
@@ -273,6 +320,29 @@ pub fn configure(
 
 #[cfg(test)]
 mod tests {
+    /// `lo` of a fresh network namespace is down; link_up brings it up (checked by a second
+    /// SIOCGIFFLAGS), a second call is a no-op, a missing link is an error naming it.
+    #[test]
+    fn link_up_sets_iff_up_in_a_fresh_netns() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (a new network namespace)");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+            assert_eq!(super::link_flags("lo").unwrap() & libc::IFF_UP, 0);
+            super::link_up("lo").unwrap();
+            assert_ne!(super::link_flags("lo").unwrap() & libc::IFF_UP, 0);
+            super::link_up("lo").unwrap();
+            let e = super::link_up("nosuch0").unwrap_err();
+            assert!(e.contains("nosuch0") && e.contains("SIOCGIFFLAGS"), "{e}");
+            let e = super::link_up("a-name-far-too-long").unwrap_err();
+            assert!(e.contains("not an interface name"), "{e}");
+        })
+        .join()
+        .unwrap();
+    }
+
     use super::*;
 
     fn iface() -> Iface {
