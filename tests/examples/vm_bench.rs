@@ -54,7 +54,9 @@ fn median(v: &mut [Duration]) -> Duration {
     v[v.len() / 2]
 }
 
-fn bare_boot(kernel: &Path, initrd: &Path, accel: &str) -> Duration {
+/// Spawn to "serving the agent API" on the console; with `breakdown`, also prints that line (it
+/// carries the guest's uptime, to compare with the pod's).
+fn bare_boot(kernel: &Path, initrd: &Path, accel: &str, breakdown: bool) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let console = dir.path().join("console.log");
     let socket = dir.path().join("agent.sock");
@@ -89,7 +91,13 @@ fn bare_boot(kernel: &Path, initrd: &Path, accel: &str) -> Duration {
     let took = loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if text.contains("serving the agent API") {
-            break started.elapsed();
+            let took = started.elapsed();
+            if breakdown {
+                for l in text.lines().filter(|l| l.contains("INFO")) {
+                    println!("bare boot console: {l}");
+                }
+            }
+            break took;
         }
         assert!(Instant::now() < deadline, "guest not ready: {text}");
         std::thread::sleep(Duration::from_millis(5));
@@ -153,7 +161,7 @@ fn main() {
         }
         println!("VM pod start to container running, run {i}: {took:?}");
         pod.push(took);
-        let took = bare_boot(&kernel, &initrd, &accel);
+        let took = bare_boot(&kernel, &initrd, &accel, breakdown);
         println!("bare QEMU boot to agent ready, run {i}: {took:?}");
         bare.push(took);
     }
