@@ -1953,3 +1953,97 @@ fn cri_vm_pod_containers_share_a_directory_volume() {
         "shared-by-writer\n"
     );
 }
+
+/// containerd restarts (an upgrade, a crash) while a VM pod runs: the pod's shim and VM keep
+/// running, containerd reconnects to the shim, and the pod is driven as before: status, exec,
+/// the container's log (its stdout, which the shim keeps forwarding from the guest) goes on,
+/// teardown removes the VM.
+#[test]
+fn cri_vm_pod_keeps_running_across_a_containerd_restart() {
+    use tandem_tests::cri::ContainerSpec;
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env("");
+    let spec = vm_pod_spec(&env, "vmrestart");
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    let cid = env
+        .cri
+        .create_container(
+            &pod_id,
+            &pod_cfg,
+            &ContainerSpec {
+                name: "ticker".into(),
+                image: BUSYBOX.into(),
+                command: [
+                    "sh",
+                    "-c",
+                    "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                ..Default::default()
+            },
+        )
+        .expect("CreateContainer");
+    env.cri.start_container(&cid).expect("StartContainer");
+    let log = spec.log_dir.join("ticker.log");
+    let ticks = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("tick "))
+            .count()
+    };
+    wait_for("the container logs ticks", Duration::from_secs(30), || {
+        ticks() >= 2
+    });
+    let vms = qemus_of(&pod_id);
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let qemu = vms[0].0;
+    let sock = env.containerd.socket.to_string_lossy().into_owned();
+    let shims = || -> Vec<i32> {
+        processes_matching(&sock)
+            .into_iter()
+            .filter(|(_, c)| c.contains("containerd-shim-tandem-v2"))
+            .map(|(p, _)| p)
+            .collect()
+    };
+    let before = shims();
+    assert_eq!(before.len(), 1, "one shim for the pod: {before:?}");
+
+    env.restart_containerd().expect("restart containerd");
+
+    assert_eq!(shims(), before, "the same shim survived the restart");
+    assert_eq!(
+        qemus_of(&pod_id)
+            .iter()
+            .map(|(p, _)| *p)
+            .collect::<Vec<_>>(),
+        vec![qemu],
+        "the same VM survived the restart"
+    );
+    let cs = env
+        .cri
+        .container_status(&cid)
+        .expect("ContainerStatus after restart");
+    assert_eq!(cs.state, 1, "still running after the restart: {cs:?}");
+    let r = env
+        .cri
+        .exec_sync(&cid, &["sh", "-c", "echo again; uname -r"])
+        .expect("ExecSync after restart");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        format!("again\n{}\n", guest().release)
+    );
+    let n = ticks();
+    wait_for(
+        "the container's log goes on after the restart",
+        Duration::from_secs(30),
+        || ticks() >= n + 2,
+    );
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_no_qemu(qemu, Duration::from_secs(20));
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims().is_empty()
+    });
+}
