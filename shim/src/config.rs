@@ -155,6 +155,14 @@ pub struct VmSection {
     /// Where each pod's VM keeps its sockets, console log and disk images.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Most vCPUs a pod's VM grows to through hot-plug (vCPUs = base + the containers'
+    /// ceil(quota/period)); 0: the host's online CPU count. Requests above are capped, logged.
+    #[serde(default)]
+    pub max_vcpus: u32,
+    /// Most guest memory in MiB a pod's VM grows to through hot-plug (memory = base + the
+    /// containers' limits; never shrunk); 0: the host's RAM (MemTotal). Capped, logged.
+    #[serde(default)]
+    pub max_memory_mib: u64,
 }
 
 fn default_hypervisor() -> Hypervisor {
@@ -217,6 +225,8 @@ impl Default for VmSection {
             layer_cache: default_layer_cache(),
             layer_cache_max_mb: default_layer_cache_max_mb(),
             run_dir: default_run_dir(),
+            max_vcpus: 0,
+            max_memory_mib: 0,
         }
     }
 }
@@ -407,7 +417,7 @@ mod tests {
     #[test]
     fn vm_section() {
         let c = Config::parse(
-            "mode = \"vm\"\n[vm]\naccel = \"tcg\"\nkernel = \"/k\"\nvcpus = 2\nmemory_mib = 300\n",
+            "mode = \"vm\"\n[vm]\naccel = \"tcg\"\nkernel = \"/k\"\nvcpus = 2\nmemory_mib = 300\nmax_vcpus = 6\nmax_memory_mib = 8192\n",
             Path::new("t.toml"),
         )
         .unwrap();
@@ -416,6 +426,8 @@ mod tests {
         assert_eq!(c.vm.kernel, Path::new("/k"));
         assert_eq!(c.vm.vcpus, 2);
         assert_eq!(c.vm.memory_mib, 300);
+        assert_eq!((c.vm.max_vcpus, c.vm.max_memory_mib), (6, 8192));
+        assert_eq!(VmSection::default().max_vcpus, 0, "0: the host's CPUs");
         assert_eq!(c.vm.initrd, VmSection::default().initrd);
         assert_eq!(c.vm.hypervisor, Hypervisor::Qemu);
         let e = Config::parse("[vm]\naccel = \"hvf\"\n", Path::new("t.toml"))

@@ -49,6 +49,12 @@ pub struct ContainerSpec {
     /// Volumes as kubelet passes them (an emptyDir or hostPath directory): host path,
     /// container path, read-only.
     pub mounts: Vec<(PathBuf, String, bool)>,
+    /// CPU limit as kubelet passes `limits: cpu` (quota/period in µs; 0: none).
+    pub cpu_quota: i64,
+    pub cpu_period: i64,
+    /// The pod's PID namespace (kubelet's `shareProcessNamespace: true`: namespace_options.pid
+    /// = POD) instead of one of its own.
+    pub share_pid: bool,
 }
 
 impl Cri {
@@ -229,13 +235,19 @@ impl Cri {
                     cpu_shares: 2,
                     cpuset_cpus: spec.cpuset_cpus.clone(),
                     memory_limit_in_bytes: spec.memory_limit,
+                    cpu_quota: spec.cpu_quota,
+                    cpu_period: spec.cpu_period,
                     oom_score_adj: 1000,
                     ..Default::default()
                 }),
                 security_context: Some(LinuxContainerSecurityContext {
                     namespace_options: Some(NamespaceOption {
                         network: NamespaceMode::Pod as i32,
-                        pid: NamespaceMode::Container as i32,
+                        pid: if spec.share_pid {
+                            NamespaceMode::Pod as i32
+                        } else {
+                            NamespaceMode::Container as i32
+                        },
                         ipc: NamespaceMode::Pod as i32,
                         ..Default::default()
                     }),

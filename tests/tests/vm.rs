@@ -1954,6 +1954,673 @@ fn cri_vm_pod_containers_share_a_directory_volume() {
     );
 }
 
+/// A static x86-64 program (raw syscalls, ~9 KiB: small enough to be copied into the guest as a
+/// file bind) on the SysV shared memory segment with key 0x74616e64: it prints `created` when it
+/// had to make it (and writes a message in it), `found:<message>` when it was there already.
+/// Built with the host's C compiler (the one cargo links with).
+fn sysv_probe(dir: &Path) -> std::path::PathBuf {
+    const SRC: &str = r#"
+#define KEY 0x74616e64L
+static long sc(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+}
+static void out(const char *s) { long n = 0; while (s[n]) n++; sc(1, 1, (long)s, n); }
+__attribute__((force_align_arg_pointer)) void _start(void) {
+    long id = sc(29, KEY, 4096, 0);                       /* shmget */
+    if (id < 0) {
+        id = sc(29, KEY, 4096, 01000 | 0666);             /* IPC_CREAT */
+        if (id < 0) { out("shmget failed\n"); sc(60, 1, 0, 0); }
+        volatile char *p = (volatile char *)sc(30, id, 0, 0);   /* shmat */
+        if ((unsigned long)p > -4096UL) { out("shmat failed\n"); sc(60, 1, 0, 0); }
+        const char *m = "sysv-shared-by-pod";
+        long i = 0;
+        for (; m[i]; i++) p[i] = m[i];
+        p[i] = 0;
+        out("created\n");
+    } else {
+        char *p = (char *)sc(30, id, 0, 0);
+        if ((unsigned long)p > -4096UL) { out("shmat failed\n"); sc(60, 1, 0, 0); }
+        out("found:"); out(p); out("\n");
+    }
+    sc(60, 0, 0, 0);                                      /* exit */
+}
+"#;
+    let src = dir.join("sysv.c");
+    let bin = dir.join("sysv");
+    std::fs::write(&src, SRC).unwrap();
+    let o = Command::new("cc")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-no-pie",
+            "-Os",
+            "-fno-builtin",
+            "-fno-tree-loop-distribute-patterns",
+            "-fno-stack-protector",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        o.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(std::fs::metadata(&bin).unwrap().len() < 64 * 1024);
+    bin
+}
+
+/// What a container sees of its pod: namespaces (ipc, uts, pid, user), hostname, /dev/shm.
+const POD_NS_PROBE: &str = "for n in ipc uts pid user; do readlink /proc/self/ns/$n; done; \
+     hostname; grep ' /dev/shm ' /proc/mounts | cut -d' ' -f1,3; \
+     grep ' /dev/shm ' /proc/mounts | tr ',' '\\n' | grep '^size='";
+
+#[derive(Debug, PartialEq, Eq)]
+struct PodNs {
+    ipc: String,
+    uts: String,
+    pid: String,
+    user: String,
+    hostname: String,
+    shm: String,
+    shm_size: String,
+}
+
+fn pod_ns(cri: &mut tandem_tests::cri::Cri, id: &str) -> PodNs {
+    let r = cri
+        .exec_sync(id, &["sh", "-c", POD_NS_PROBE])
+        .expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let l = probe_lines(&out);
+    assert_eq!(l.len(), 7, "{out}");
+    PodNs {
+        ipc: l[0].clone(),
+        uts: l[1].clone(),
+        pid: l[2].clone(),
+        user: l[3].clone(),
+        hostname: l[4].clone(),
+        shm: l[5].clone(),
+        shm_size: l[6].clone(),
+    }
+}
+
+fn sh_ok(cri: &mut tandem_tests::cri::Cri, id: &str, cmd: &str) -> String {
+    let r = cri.exec_sync(id, &["sh", "-c", cmd]).expect("ExecSync");
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{cmd}: {out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    out
+}
+
+/// Two containers `one` (`sleep 1000`) and `two` (`sleep 1001`) in a pod, started, with the SysV
+/// probe bound at /sysv; `share_pid`: kubelet's shareProcessNamespace (pod and containers).
+fn pod_of_two(
+    env: &mut tandem_tests::cri::CriEnv,
+    prefix: &str,
+    probe: &Path,
+    share_pid: bool,
+) -> (String, Vec<String>) {
+    use tandem_tests::cri::{ContainerSpec, Cri, NamespaceMode};
+    let spec = vm_pod_spec(env, prefix);
+    let mut pod_cfg = Cri::pod_config(&spec);
+    if share_pid {
+        let ns = pod_cfg
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+            .expect("namespace options");
+        ns.pid = NamespaceMode::Pod as i32;
+    }
+    let pod_id = env
+        .cri
+        .run_pod_with_config(&spec, pod_cfg.clone())
+        .expect("RunPodSandbox");
+    let mut ids = Vec::new();
+    for (n, secs) in [("one", "1000"), ("two", "1001")] {
+        let c = env
+            .cri
+            .create_container(
+                &pod_id,
+                &pod_cfg,
+                &ContainerSpec {
+                    name: n.into(),
+                    image: BUSYBOX.into(),
+                    command: vec!["sleep".into(), secs.into()],
+                    mounts: vec![(probe.to_path_buf(), "/sysv".into(), true)],
+                    share_pid,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("create {n}: {e}"));
+        env.cri.start_container(&c).expect("start");
+        ids.push(c);
+    }
+    (pod_id, ids)
+}
+
+/// Remove the pods; their shims and QEMUs must be gone.
+fn teardown_pods(env: &mut tandem_tests::cri::CriEnv, pods: &[String]) {
+    let vms: Vec<i32> = pods
+        .iter()
+        .flat_map(|p| qemus_of(p).into_iter().map(|(pid, _)| pid))
+        .collect();
+    for p in pods {
+        env.cri.teardown_pod(p).expect("teardown");
+    }
+    wait_for("the pods' shims exit", Duration::from_secs(15), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    for pid in vms {
+        wait_no_qemu(pid, Duration::from_secs(5));
+    }
+    for p in pods {
+        assert!(qemus_of(p).is_empty(), "{:?}", qemus_of(p));
+    }
+}
+
+/// A CRI VM pod's containers share the sandbox's IPC namespace (a SysV segment made in one is
+/// found in the other), its /dev/shm (a file written in one is read in the other, a 64 MiB
+/// tmpfs as the host's sandbox shm; it outlives the removal of one of them), its UTS namespace
+/// (the pod's hostname); each has a PID namespace of its own (neither sees the other's
+/// processes). A second pod with shareProcessNamespace: one PID namespace, the sandbox's
+/// (pause is pid 1, each sees the other's `sleep`).
+#[test]
+fn cri_vm_pod_containers_share_ipc_shm_uts_and_pid_when_asked() {
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env("");
+    let tools = tempfile::tempdir().unwrap();
+    let probe = sysv_probe(tools.path());
+
+    let (pod, ids) = pod_of_two(&mut env, "vmipc", &probe, false);
+    let (one, two) = (&ids[0], &ids[1]);
+    assert_eq!(
+        sh_ok(&mut env.cri, one, "echo from-one > /dev/shm/f && /sysv"),
+        "created\n"
+    );
+    assert_eq!(
+        sh_ok(&mut env.cri, two, "cat /dev/shm/f && /sysv"),
+        "from-one\nfound:sysv-shared-by-pod\n"
+    );
+    let (a, b) = (pod_ns(&mut env.cri, one), pod_ns(&mut env.cri, two));
+    eprintln!("one: {a:?}\ntwo: {b:?}");
+    assert_eq!(a.ipc, b.ipc);
+    assert_eq!(a.uts, b.uts);
+    assert_ne!(
+        a.pid, b.pid,
+        "a PID namespace each without shareProcessNamespace"
+    );
+    let status = env.cri.pod_status(&pod).expect("PodSandboxStatus");
+    let pod_name = status.metadata.as_ref().unwrap().name.clone();
+    assert_eq!(a.hostname, pod_name);
+    assert_eq!(b.hostname, pod_name);
+    assert_eq!(a.shm, "shm tmpfs");
+    assert_eq!(a.shm_size, "size=65536k", "the host sandbox shm's size");
+    assert_eq!(
+        (b.shm.as_str(), b.shm_size.as_str()),
+        ("shm tmpfs", "size=65536k")
+    );
+    let ps = sh_ok(&mut env.cri, one, "ps -o pid,args");
+    assert!(
+        !ps.contains("sleep 1001") && !ps.contains("pause"),
+        "one sees only its own processes: {ps}"
+    );
+    // one of the two removed: the pod's /dev/shm and IPC stay for the other
+    env.cri.stop_container(two, 0).expect("stop two");
+    env.cri.remove_container(two).expect("remove two");
+    assert_eq!(
+        sh_ok(&mut env.cri, one, "cat /dev/shm/f && /sysv"),
+        "from-one\nfound:sysv-shared-by-pod\n"
+    );
+
+    let (pod2, ids2) = pod_of_two(&mut env, "vmpidns", &probe, true);
+    let (one2, two2) = (&ids2[0], &ids2[1]);
+    let (a2, b2) = (pod_ns(&mut env.cri, one2), pod_ns(&mut env.cri, two2));
+    eprintln!("shared pid, one: {a2:?}\ntwo: {b2:?}");
+    assert_eq!(
+        a2.pid, b2.pid,
+        "one PID namespace with shareProcessNamespace"
+    );
+    assert_eq!((a2.ipc == b2.ipc, a2.uts == b2.uts), (true, true));
+    // (namespace inode numbers of two identically booted VMs can be equal: the isolation of
+    // the other pod shows below, its SysV segment is not found but created anew)
+    let ps = sh_ok(
+        &mut env.cri,
+        one2,
+        "ps -o pid,args; tr '\\0' '\\n' < /proc/1/cmdline",
+    );
+    eprintln!("{ps}");
+    assert!(ps.contains("sleep 1001"), "one sees two's process: {ps}");
+    assert!(
+        ps.trim_end().ends_with("/pause"),
+        "pid 1 is the sandbox's pause: {ps}"
+    );
+    assert_eq!(
+        sh_ok(&mut env.cri, two2, "/sysv; echo x > /dev/shm/g"),
+        "created\n",
+        "another pod's IPC namespace"
+    );
+    assert_eq!(
+        sh_ok(&mut env.cri, one2, "/sysv; cat /dev/shm/g"),
+        "found:sysv-shared-by-pod\nx\n"
+    );
+
+    teardown_pods(&mut env, &[pod, pod2]);
+}
+
+/// With `[userns] mode = "pod"`: the containers of a shareProcessNamespace pod are in the pod's
+/// user namespace and share the sandbox's IPC, UTS and PID namespaces (made by the sandbox in
+/// that user namespace, which owns them: the engine joins the user namespace first) and /dev/shm.
+#[test]
+fn cri_vm_pod_userns_containers_share_ipc_shm_uts_and_pid() {
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env(&userns_toml());
+    let tools = tempfile::tempdir().unwrap();
+    let probe = sysv_probe(tools.path());
+    let (pod, ids) = pod_of_two(&mut env, "vmuspidns", &probe, true);
+    let (one, two) = (&ids[0], &ids[1]);
+    for c in &ids {
+        assert_eq!(
+            probe_lines(&sh_ok(&mut env.cri, c, "cat /proc/self/uid_map"))[0],
+            GUEST_USERNS
+        );
+    }
+    assert_eq!(
+        sh_ok(&mut env.cri, one, "echo from-one > /dev/shm/f && /sysv"),
+        "created\n"
+    );
+    assert_eq!(
+        sh_ok(
+            &mut env.cri,
+            two,
+            "cat /dev/shm/f && stat -c %u:%g /dev/shm/f && /sysv"
+        ),
+        "from-one\n0:0\nfound:sysv-shared-by-pod\n"
+    );
+    let (a, b) = (pod_ns(&mut env.cri, one), pod_ns(&mut env.cri, two));
+    eprintln!("one: {a:?}\ntwo: {b:?}");
+    assert_eq!(a, b, "the same namespaces, hostname and /dev/shm");
+    let status = env.cri.pod_status(&pod).expect("PodSandboxStatus");
+    assert_eq!(a.hostname, status.metadata.as_ref().unwrap().name);
+    assert_eq!(
+        (a.shm.as_str(), a.shm_size.as_str()),
+        ("shm tmpfs", "size=65536k")
+    );
+    let ps = sh_ok(
+        &mut env.cri,
+        one,
+        "ps -o pid,args; tr '\\0' '\\n' < /proc/1/cmdline",
+    );
+    assert!(ps.contains("sleep 1001"), "one sees two's process: {ps}");
+    assert!(
+        ps.trim_end().ends_with("/pause"),
+        "pid 1 is the sandbox's pause: {ps}"
+    );
+    assert_eq!(host_ranges_of("k8s.io", &pod), Vec::<String>::new());
+    teardown_pods(&mut env, &[pod]);
+}
+
+// ---- vCPU and memory hot-plug (the VM follows its containers' resources) ----
+
+/// The vCPU threads of QEMU `pid` (named `CPU <n>/TCG|KVM` with debug-threads=on): (name,
+/// Cpus_allowed_list), sorted by name.
+fn vcpu_threads(pid: i32) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("CPU ") {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            v.push((comm.trim().to_string(), allowed));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// QEMU's arguments (NUL separated in /proc).
+fn qemu_args(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+fn arg_after(args: &[String], flag: &str) -> String {
+    args.windows(2)
+        .find(|w| w[0] == flag)
+        .map(|w| w[1].clone())
+        .unwrap_or_default()
+}
+
+/// `UpdateTask` of containerd's Task API (what `ctr task update` of newer containerd and
+/// CRI's UpdateContainerResources send through containerd), on the container's shim: ctr
+/// 1.6 has no `task update` command.
+fn task_update(c: &Containerd, id: &str, resources: serde_json::Value) {
+    use containerd_shim_protos::api::UpdateTaskRequest;
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    let state = c.socket.parent().unwrap().join("state");
+    let addr_file = state
+        .join("io.containerd.runtime.v2.task")
+        .join(&c.namespace)
+        .join(id)
+        .join("address");
+    let addr = std::fs::read_to_string(&addr_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", addr_file.display()));
+    let client = containerd_shim_protos::Client::connect(addr.trim()).expect("shim ttrpc");
+    let task = containerd_shim_protos::TaskClient::new(client);
+    let req = UpdateTaskRequest {
+        id: id.to_string(),
+        resources: Some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: serde_json::to_vec(&resources).unwrap(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let ctx = containerd_shim_protos::ttrpc::context::with_timeout(120_000_000_000);
+    task.update(ctx, &req)
+        .unwrap_or_else(|e| panic!("UpdateTask {id} {resources}: {e}"));
+}
+
+/// CRI: a pod boots with 1 vCPU / 512 MiB (the sandbox asks for nothing); a container with
+/// `limits: cpu: 2, memory: 768Mi` makes the VM 3 vCPUs / 1280 MiB before it is created (hot-plug,
+/// onlined in the guest); UpdateContainerResources to 3 CPUs adds a vCPU; removing the container
+/// unplugs them (memory stays). Host side: QEMU's vCPU threads follow.
+#[test]
+fn cri_vm_pod_grows_with_its_containers_vcpu_and_memory_hot_plug() {
+    use tandem_tests::cri::{ContainerSpec, Cri, LinuxContainerResources};
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env("max_vcpus = 4\n");
+    let spec = vm_pod_spec(&env, "vmhp");
+    let pod_cfg = Cri::pod_config(&spec);
+    let pod_id = env
+        .cri
+        .run_pod_with_config(&spec, pod_cfg.clone())
+        .expect("RunPodSandbox");
+    let pod_vms = || qemus(&format!("-{}/", &pod_id[..12]));
+    let qemu = pod_vms();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    let qpid = qemu[0].0;
+    let args = qemu_args(qpid);
+    assert_eq!(arg_after(&args, "-smp"), "1,maxcpus=4", "{args:?}");
+    let m = arg_after(&args, "-m");
+    assert!(m.starts_with("512M,slots=16,maxmem="), "{m}");
+    assert_eq!(vcpu_threads(qpid).len(), 1, "{:?}", vcpu_threads(qpid));
+
+    // a probe without limits (asks for nothing: no hot-plug) to look from inside
+    let busybox = |name: &str, quota: i64, mem: i64| ContainerSpec {
+        name: name.into(),
+        image: BUSYBOX.into(),
+        command: vec!["sleep".into(), "1000".into()],
+        cpu_quota: quota,
+        cpu_period: if quota > 0 { 100_000 } else { 0 },
+        memory_limit: mem,
+        ..Default::default()
+    };
+    let probe = env
+        .cri
+        .create_container(&pod_id, &pod_cfg, &busybox("probe", 0, 0))
+        .expect("CreateContainer probe");
+    env.cri.start_container(&probe).expect("StartContainer");
+    let sh = |cri: &mut Cri, cmd: &str| {
+        let r = cri.exec_sync(&probe, &["sh", "-c", cmd]).expect("ExecSync");
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{cmd}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        String::from_utf8_lossy(&r.stdout).trim().to_string()
+    };
+    let mem_total = |cri: &mut Cri| -> u64 {
+        sh(
+            cri,
+            "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+        )
+        .parse()
+        .unwrap()
+    };
+    assert_eq!(sh(&mut env.cri, "nproc"), "1");
+    assert_eq!(sh(&mut env.cri, "cat /sys/devices/system/cpu/online"), "0");
+    let mem0 = mem_total(&mut env.cri);
+    assert_eq!(vcpu_threads(qpid).len(), 1);
+
+    // limits: cpu 2 (200000/100000), memory 768 MiB: the VM grows before the container is made
+    let t0 = Instant::now();
+    let app = env
+        .cri
+        .create_container(&pod_id, &pod_cfg, &busybox("app", 200_000, 768 << 20))
+        .expect("CreateContainer app");
+    let create_time = t0.elapsed();
+    env.cri.start_container(&app).expect("StartContainer app");
+    assert_eq!(sh(&mut env.cri, "nproc"), "3", "1 + 2 vCPUs online");
+    assert_eq!(
+        sh(&mut env.cri, "cat /sys/devices/system/cpu/online"),
+        "0-2"
+    );
+    let mem1 = mem_total(&mut env.cri);
+    let grown_mib = (mem1 - mem0) / 1024;
+    assert!(
+        (760..=772).contains(&grown_mib),
+        "MemTotal {mem0} -> {mem1} kB: +{grown_mib} MiB, want ~768"
+    );
+    let threads = vcpu_threads(qpid);
+    assert_eq!(
+        threads.len(),
+        3,
+        "QEMU has the new vCPU threads: {threads:?}"
+    );
+    // the app's own cgroup limit is there in the guest
+    let r = env
+        .cri
+        .exec_sync(
+            &app,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/cpu.max; nproc",
+            ],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "200000 100000\n3\n");
+
+    // UpdateContainerResources to 3 CPUs: one more vCPU (1 + 3 = 4, the max)
+    let t1 = Instant::now();
+    env.cri
+        .update_resources(
+            &app,
+            LinuxContainerResources {
+                cpu_quota: 300_000,
+                cpu_period: 100_000,
+                cpu_shares: 2,
+                memory_limit_in_bytes: 768 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("UpdateContainerResources");
+    let update_time = t1.elapsed();
+    assert_eq!(sh(&mut env.cri, "nproc"), "4");
+    assert_eq!(vcpu_threads(qpid).len(), 4, "{:?}", vcpu_threads(qpid));
+    // asking beyond max_vcpus = 4 is capped (Kata's behaviour), not refused
+    env.cri
+        .update_resources(
+            &app,
+            LinuxContainerResources {
+                cpu_quota: 800_000,
+                cpu_period: 100_000,
+                cpu_shares: 2,
+                memory_limit_in_bytes: 768 << 20,
+                ..Default::default()
+            },
+        )
+        .expect("UpdateContainerResources above the cap");
+    assert_eq!(sh(&mut env.cri, "nproc"), "4");
+
+    // the container goes: its vCPUs are unplugged, memory stays
+    let t2 = Instant::now();
+    env.cri.stop_container(&app, 0).expect("StopContainer");
+    env.cri.remove_container(&app).expect("RemoveContainer");
+    let remove_time = t2.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vcpu_threads(qpid).len() != 1 {
+        if Instant::now() > deadline {
+            let log = env.containerd.log_tail(300);
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains("resize")
+                        || l.contains("vCPU")
+                        || l.contains("hot-plug")
+                        || l.contains("unplug")
+                })
+                .collect();
+            panic!(
+                "vCPUs not unplugged within 30 s: {:?}\n{}",
+                vcpu_threads(qpid),
+                lines.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(sh(&mut env.cri, "nproc"), "1");
+    assert_eq!(sh(&mut env.cri, "cat /sys/devices/system/cpu/online"), "0");
+    assert_eq!(mem_total(&mut env.cri), mem1, "memory is not shrunk");
+    eprintln!(
+        "hot-plug figures (TCG): create with +2 vCPUs +768 MiB {create_time:?}, update +1 vCPU \
+         {update_time:?}, stop+remove with 3 vCPUs unplugged {remove_time:?}; load {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let log = env.containerd.log_tail(400);
+    for l in log
+        .lines()
+        .filter(|l| l.contains("VM resized") || l.contains("hot-plug done"))
+    {
+        eprintln!("{l}");
+    }
+
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_for("the pod's shim exits", Duration::from_secs(10), || {
+        shims_of(&env.containerd).is_empty()
+    });
+    wait_no_qemu(qpid, Duration::from_secs(5));
+    assert!(pod_vms().is_empty(), "{:?}", pod_vms());
+}
+
+/// `ctr run` of a pinned container (cpuset 0-1, quota 1 CPU: 1 vCPU pinned to CPU 0 at boot),
+/// then the Task API's Update raising the quota to 2 CPUs: a second vCPU is hot-added, its
+/// thread pinned to CPU 1 like a boot vCPU would be, online in the guest; lowering the quota
+/// again unplugs it; nothing left after delete.
+#[test]
+fn ctr_task_update_hot_plugs_a_pinned_vcpu_and_unplugs_it() {
+    let _slot = vm_slot();
+    let env = Env::start();
+    let c = &env.c;
+    let id = unique_id("vmhpin");
+    let rootfs = c.dir().join("rootfs-hp");
+    unpack_busybox_rootfs(&rootfs).unwrap();
+    let mut spec = base_spec(c, &id, &rootfs, &["sleep", "1000"]);
+    spec["linux"]["resources"]["cpu"] =
+        serde_json::json!({"cpus": "0-1", "quota": 100000, "period": 100000});
+    let path = c.dir().join(format!("{id}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&spec).unwrap()).unwrap();
+    let rt = runtime();
+    let mut args = vec!["run", "-d", "--runtime", &rt];
+    args.extend(env.args(&["--config", path.to_str().unwrap()]));
+    args.push(id.as_str());
+    c.ctr_ok(&args);
+    c.wait_task_status(&id, "RUNNING", Duration::from_secs(10));
+    let pid = c.task_pid(&id);
+    assert_eq!(arg_after(&qemu_args(pid), "-smp"), "1,maxcpus=2");
+    assert_eq!(
+        vcpu_threads(pid),
+        vec![("CPU 0/TCG".to_string(), "0".to_string())]
+    );
+    let nproc = || {
+        let o = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            &unique_id("np"),
+            &id,
+            "sh",
+            "-c",
+            "nproc; cat /sys/devices/system/cpu/online",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(nproc(), "1\n0\n");
+
+    let t0 = Instant::now();
+    task_update(
+        c,
+        &id,
+        serde_json::json!({"cpu": {"quota": 200000, "period": 100000}}),
+    );
+    let add_time = t0.elapsed();
+    assert_eq!(
+        vcpu_threads(pid),
+        vec![
+            ("CPU 0/TCG".to_string(), "0".to_string()),
+            ("CPU 1/TCG".to_string(), "1".to_string())
+        ],
+        "the hot-added vCPU's thread is pinned to the cpuset's second CPU"
+    );
+    assert_eq!(nproc(), "2\n0-1\n");
+
+    let t1 = Instant::now();
+    task_update(
+        c,
+        &id,
+        serde_json::json!({"cpu": {"quota": 100000, "period": 100000}}),
+    );
+    let remove_time = t1.elapsed();
+    assert_eq!(vcpu_threads(pid).len(), 1, "{:?}", vcpu_threads(pid));
+    assert_eq!(nproc(), "1\n0\n");
+    eprintln!(
+        "pinned vCPU hot-add {add_time:?}, unplug {remove_time:?} (TCG; load {})",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+    c.wait_task_status(&id, "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "delete", &id]);
+    c.ctr_ok(&["container", "rm", &id]);
+    wait_no_qemu(pid, Duration::from_secs(10));
+    c.assert_no_leaks(&[&id]);
+    assert!(qemus_of(&id).is_empty(), "{:?}", qemus_of(&id));
+}
+
 /// containerd restarts (an upgrade, a crash) while a VM pod runs: the pod's shim and VM keep
 /// running, containerd reconnects to the shim, and the pod is driven as before: status, exec,
 /// the container's log (its stdout, which the shim keeps forwarding from the guest) goes on,

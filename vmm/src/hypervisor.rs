@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DiskConfig, NicConfig, VmConfig};
+use crate::config::{DiskConfig, NicConfig, VcpuConfig, VmConfig};
 use crate::error::{Error, Result};
 
 /// Lifecycle state of a VM.
@@ -88,6 +88,25 @@ pub trait RunningVm: Send {
         Err(Error::Unsupported {
             backend: "hypervisor",
             feature: format!("hot-remove of disk {id}"),
+        })
+    }
+    /// Makes the VM have `vcpus.len()` vCPUs (hot-plug): adds vCPUs, each thread pinned to its
+    /// entry's `host_cpu` (entry `i` is the `i`-th vCPU), or removes vCPUs added earlier (the
+    /// guest must release them; boot vCPUs are never removed). Returns the vCPU count the VMM
+    /// has afterwards, read back from it (not the guest's word). Default: unsupported.
+    fn resize_vcpus(&mut self, vcpus: &[VcpuConfig]) -> Result<usize> {
+        Err(Error::Unsupported {
+            backend: "hypervisor",
+            feature: format!("vCPU hot-plug (to {})", vcpus.len()),
+        })
+    }
+    /// Grows guest memory towards `size_mib` (hot-plug, in whole guest memory blocks, up to the
+    /// maximum fixed at start; never shrinks). Returns the guest memory in MiB afterwards, read
+    /// back from the VMM. Default: unsupported.
+    fn resize_memory(&mut self, size_mib: u64) -> Result<u64> {
+        Err(Error::Unsupported {
+            backend: "hypervisor",
+            feature: format!("memory hot-plug (to {size_mib} MiB)"),
         })
     }
     /// Stops the VM and waits for the VMM to be gone; idempotent.

@@ -378,6 +378,21 @@ pub struct ContainerStats {
     pub pids_current: u64,
 }
 
+/// Most CPUs a guest reply may name (QEMU's x86 limit is far below).
+pub const MAX_GUEST_CPUS: usize = 1024;
+/// Most guest memory in MiB a reply may name (16 TiB).
+pub const MAX_GUEST_MEMORY_MIB: u64 = 16 << 20;
+
+/// The guest's view of its size after OnlineCpuMem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestSize {
+    pub online_cpus: u32,
+    pub online_memory_mib: u64,
+    pub mem_total_kib: u64,
+    /// The counts asked for were not reached within the wait.
+    pub timed_out: bool,
+}
+
 /// Longest chunk the client asks for and accepts from ReadStdout/ReadStderr.
 pub const MAX_READ: u32 = 1024 * 1024;
 
@@ -426,6 +441,26 @@ impl AgentClient {
         files: &[File],
         stdin: bool,
     ) -> Result<i32> {
+        self.create_container_with_shared(id, spec_json, rootfs, files, &[], stdin)
+    }
+
+    /// [`AgentClient::create_container_with_files`] with the pod's shared tmpfs mounts the
+    /// container uses (`pod_shm`, [`crate::podshare`]); names and count are checked here before
+    /// anything is sent (the size against the guest's RAM by the agent).
+    pub fn create_container_with_shared(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[Mount],
+        files: &[File],
+        shm: &[crate::podshare::ShmReq],
+        stdin: bool,
+    ) -> Result<i32> {
+        crate::podshare::validate_shm(shm, u64::MAX).map_err(|e| Error::Rpc {
+            path: self.path.clone(),
+            call: "CreateContainer",
+            msg: format!("container {id}: not sent: {e}"),
+        })?;
         let reqs: Vec<crate::containers::FileReq> = files
             .iter()
             .map(|f| crate::containers::FileReq {
@@ -462,6 +497,14 @@ impl AgentClient {
                 })
                 .collect(),
             stdin,
+            pod_shm: shm
+                .iter()
+                .map(|s| proto::PodShm {
+                    name: s.name.clone(),
+                    size_bytes: s.size_bytes,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         let r = self.call("CreateContainer", self.call_timeout, |c, ctx| {
@@ -685,6 +728,51 @@ impl AgentClient {
             c.update_container(ctx, &req)
         })?;
         Ok(())
+    }
+
+    /// Onlines hot-plugged vCPUs and memory blocks in the guest (OnlineCpuMem), waiting at
+    /// most `wait` (the agent caps it at 30 s) until `cpus` CPUs and `memory_mib` of memory
+    /// blocks are online. The reply is the guest's word, checked for plausibility only: the
+    /// caller verifies the vCPU count through its VMM.
+    pub fn online_cpu_mem(&self, cpus: u32, memory_mib: u64, wait: Duration) -> Result<GuestSize> {
+        let req = proto::OnlineCpuMemRequest {
+            cpus,
+            memory_mib,
+            timeout_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            ..Default::default()
+        };
+        let timeout = self.call_timeout + wait;
+        let r = self.call("OnlineCpuMem", timeout, |c, ctx| {
+            c.online_cpu_mem(ctx, &req)
+        })?;
+        let bad = |msg: String| Error::InvalidReply {
+            path: self.path.clone(),
+            call: "OnlineCpuMem",
+            msg,
+        };
+        if r.online_cpus == 0 || r.online_cpus as usize > MAX_GUEST_CPUS {
+            return Err(bad(format!("{} online CPUs", r.online_cpus)));
+        }
+        if r.cpus_onlined > r.online_cpus {
+            return Err(bad(format!(
+                "{} CPUs onlined, {} online",
+                r.cpus_onlined, r.online_cpus
+            )));
+        }
+        if r.online_memory_mib > MAX_GUEST_MEMORY_MIB
+            || r.mem_total_kib / 1024 > MAX_GUEST_MEMORY_MIB
+        {
+            return Err(bad(format!(
+                "{} MiB online, MemTotal {} KiB",
+                r.online_memory_mib, r.mem_total_kib
+            )));
+        }
+        Ok(GuestSize {
+            online_cpus: r.online_cpus,
+            online_memory_mib: r.online_memory_mib,
+            mem_total_kib: r.mem_total_kib,
+            timed_out: r.timed_out,
+        })
     }
 
     pub fn remove_container(&self, id: &str) -> Result<()> {

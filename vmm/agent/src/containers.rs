@@ -239,6 +239,8 @@ pub struct Containers {
     entries: Mutex<HashMap<String, Entry>>,
     pod_userns: crate::userns::PodUserns,
     pod_net: crate::podnet::PodNet,
+    /// The pod's shared `/dev/shm` tmpfs mounts (crate::podshare).
+    pod_shm: crate::podshare::PodShm,
 }
 
 fn validate_id(kind: &str, id: &str) -> VResult<()> {
@@ -631,11 +633,19 @@ impl Containers {
             entries: Mutex::new(HashMap::new()),
             pod_userns: Default::default(),
             pod_net: Default::default(),
+            pod_shm: Default::default(),
         }
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `pid` is the init of a container of this agent that has not exited (a namespace
+    /// path `/proc/<pid>/ns/…` may name it, crate::podshare).
+    fn live_init(&self, pid: i32) -> bool {
+        self.entries().values().any(|e| e.init.pid == pid)
+            && self.reaper.wait(pid, Duration::ZERO).is_none()
     }
 
     fn proc_of(&self, id: &str, exec_id: &str) -> VResult<Arc<Proc>> {
@@ -675,8 +685,28 @@ impl Containers {
         files: &[FileReq],
         stdin: bool,
     ) -> VResult<i32> {
+        self.create_with_shared(id, spec_json, rootfs, files, &[], stdin)
+    }
+
+    /// [`Containers::create_with_files`], with the pod's shared tmpfs mounts `shm` made (or
+    /// joined) first (crate::podshare; the spec binds them from their guest paths).
+    pub fn create_with_shared(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &[MountReq],
+        files: &[FileReq],
+        shm: &[crate::podshare::ShmReq],
+        stdin: bool,
+    ) -> VResult<i32> {
         validate_id("container", id)?;
         validate_files(files).map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
+        crate::podshare::validate_shm(shm, crate::podshare::guest_ram()).map_err(|e| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: {e}"),
+            )
+        })?;
         if self.entries().contains_key(id) {
             return Err(verr(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -687,6 +717,12 @@ impl Containers {
             verr(
                 ttrpc::Code::INVALID_ARGUMENT,
                 format!("container {id}: config.json: {e}"),
+            )
+        })?;
+        crate::podshare::check_ns_paths(&spec, |pid| self.live_init(pid)).map_err(|e| {
+            verr(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("container {id}: {e}"),
             )
         })?;
         let userns = self.userns_for(id, &spec, rootfs)?;
@@ -706,6 +742,12 @@ impl Containers {
         })?;
         let mut mounts = Vec::new();
         let result = (|| {
+            self.pod_shm.acquire(id, shm).map_err(|e| {
+                verr(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {id}: {e}"),
+                )
+            })?;
             write_files(&bundle, files)
                 .map_err(|e| verr(e.code, format!("container {id}: {}", e.msg)))?;
             if let Some((_, Some(root))) = &userns {
@@ -836,6 +878,7 @@ impl Containers {
             Err(e) => {
                 unmount_all(&mounts);
                 let _ = std::fs::remove_dir_all(&bundle);
+                self.pod_shm.release(id);
                 Err(e)
             }
         }
@@ -1063,6 +1106,7 @@ impl Containers {
             self.reaper.forget(p.pid);
         }
         unmount_all(&e.mounts);
+        self.pod_shm.release(id);
         std::fs::remove_dir_all(&e.bundle).map_err(|err| {
             verr(
                 ttrpc::Code::INTERNAL,

@@ -151,13 +151,22 @@ impl Agent for Service {
                 mode: f.mode,
             })
             .collect();
+        let shm: Vec<crate::podshare::ShmReq> = req
+            .pod_shm
+            .iter()
+            .map(|s| crate::podshare::ShmReq {
+                name: s.name.clone(),
+                size_bytes: s.size_bytes,
+            })
+            .collect();
         let pid = self
             .containers
-            .create_with_files(
+            .create_with_shared(
                 &req.container_id,
                 &req.oci_spec_json,
                 &rootfs,
                 &files,
+                &shm,
                 req.stdin,
             )
             .map_err(rpc)?;
@@ -395,6 +404,39 @@ impl Agent for Service {
         tracing::info!("ConfigureNetwork done");
         Ok(proto::ConfigureNetworkResponse {
             configured,
+            ..Default::default()
+        })
+    }
+
+    fn online_cpu_mem(
+        &self,
+        _: &TtrpcContext,
+        req: proto::OnlineCpuMemRequest,
+    ) -> ttrpc::Result<proto::OnlineCpuMemResponse> {
+        let t0 = std::time::Instant::now();
+        let o = crate::hotplug::online(
+            std::path::Path::new("/sys"),
+            req.cpus,
+            req.memory_mib,
+            Duration::from_millis(req.timeout_ms.into()),
+        );
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        tracing::info!(
+            cpus = o.cpus,
+            memory_mib = o.memory_mib,
+            cpus_onlined = o.cpus_onlined,
+            blocks_onlined = o.blocks_onlined,
+            timed_out = o.timed_out,
+            "OnlineCpuMem done in {:?}",
+            t0.elapsed()
+        );
+        Ok(proto::OnlineCpuMemResponse {
+            online_cpus: o.cpus,
+            online_memory_mib: o.memory_mib,
+            mem_total_kib: crate::hotplug::mem_total_kib(&meminfo),
+            cpus_onlined: o.cpus_onlined,
+            blocks_onlined: o.blocks_onlined,
+            timed_out: o.timed_out,
             ..Default::default()
         })
     }

@@ -6,6 +6,7 @@
 //! [`kill_by_pid`]. Files in the run dir: `qmp.sock` (QMP), `qemu.log` (QEMU's stderr).
 
 mod cmdline;
+pub mod hotplug;
 mod qmp;
 pub mod virtiofs;
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{validate_nic, AgentChannel, DiskConfig, NicConfig, VmConfig};
+use crate::config::{validate_nic, AgentChannel, DiskConfig, NicConfig, VcpuConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::hypervisor::{
     pidfd_exited, pidfd_open, proc_args, Hypervisor, RunningVm, VcpuThread, VmState,
@@ -80,6 +81,21 @@ pub struct QemuConfig {
     /// virtio-fs device can be hot-added later ([`QemuVm::hot_add_fs`]).
     #[serde(default)]
     pub share_memory: bool,
+    /// Most vCPUs the VM may have through hot-plug (`-smp <boot>,maxcpus=<n>`,
+    /// [`RunningVm::resize_vcpus`]); not above the boot count (0): no vCPU hot-plug.
+    #[serde(default)]
+    pub max_vcpus: usize,
+    /// Most guest memory in MiB through DIMM hot-plug (`-m <boot>M,slots=..,maxmem=<n>M`,
+    /// [`RunningVm::resize_memory`]); not above the boot size (0): no memory hot-plug.
+    #[serde(default)]
+    pub max_memory_mib: u64,
+    /// DIMM slots for memory hot-plug (each resize that adds memory takes one).
+    #[serde(default = "default_memory_slots")]
+    pub memory_slots: u8,
+}
+
+fn default_memory_slots() -> u8 {
+    16
 }
 
 fn default_binary() -> PathBuf {
@@ -102,6 +118,9 @@ impl QemuConfig {
             cgroups: Vec::new(),
             cold_disks: Vec::new(),
             share_memory: false,
+            max_vcpus: 0,
+            max_memory_mib: 0,
+            memory_slots: default_memory_slots(),
         }
     }
 }
@@ -178,6 +197,14 @@ impl Qemu {
         if self.config.share_memory {
             virtiofs::share_guest_memory(&mut args)?;
         }
+        hotplug::set_hotplug_limits(
+            &mut args,
+            self.config.max_vcpus,
+            self.config.max_memory_mib,
+            self.config.memory_slots,
+        )?;
+        let (_, max_memory_mib) = hotplug::limits_of(&args);
+        let mem_object = hotplug::boot_memory_object(&args);
         for (i, d) in self.config.cold_disks.iter().enumerate() {
             if !d.path.is_file() {
                 return Err(Error::invalid(
@@ -282,6 +309,8 @@ impl Qemu {
             qmp_path,
             agent_socket,
             stopped: false,
+            mem_object,
+            max_memory_mib,
         };
         match q.boot(vm, started) {
             Ok(()) => {
@@ -424,6 +453,10 @@ pub struct QemuVm {
     qmp_path: PathBuf,
     agent_socket: Option<PathBuf>,
     stopped: bool,
+    /// The boot RAM object (`mem0`), the model of hot-added memory backends.
+    mem_object: Option<Value>,
+    /// Most guest memory in MiB (`maxmem`, or the boot size without memory hot-plug).
+    max_memory_mib: u64,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -545,6 +578,8 @@ impl QemuVm {
             qmp_path,
             agent_socket: agent_socket_of(&args),
             stopped: false,
+            mem_object: hotplug::boot_memory_object(&args),
+            max_memory_mib: hotplug::limits_of(&args).1,
         })
     }
 
@@ -825,6 +860,14 @@ impl RunningVm for QemuVm {
 
     fn hot_add_fs(&mut self, socket: &Path, tag: &str) -> Result<()> {
         QemuVm::hot_add_fs(self, socket, tag)
+    }
+
+    fn resize_vcpus(&mut self, vcpus: &[VcpuConfig]) -> Result<usize> {
+        self.hotplug_vcpus(vcpus)
+    }
+
+    fn resize_memory(&mut self, size_mib: u64) -> Result<u64> {
+        self.hotplug_memory(size_mib)
     }
 
     fn hot_remove_disk(&mut self, id: &str) -> Result<()> {

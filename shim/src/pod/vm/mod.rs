@@ -19,6 +19,7 @@
 
 pub mod cgroup;
 pub mod layers;
+mod resize;
 pub mod spec;
 pub mod topology;
 pub mod volumes;
@@ -50,8 +51,13 @@ use crate::config::{Accel, Config, Hypervisor as HvKind, VmSection};
 use crate::io::StdioPaths;
 use crate::state::StateDir;
 
-/// Kernel command line of the guest.
-const CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// Kernel command line of the guest. `memhp_default_state=online`: hot-plugged memory blocks
+/// are onlined by the kernel itself (the guest has no udev; the agent's OnlineCpuMem onlines
+/// vCPUs and any block left offline). `numa=off`: the guest is one node (the host side binds
+/// guest RAM to the pinned CPUs' node); without it the SRAT that `maxmem` brings makes the kernel
+/// set memory up per NUMA node, ~5% more boot instructions (measured with `-icount`,
+/// docs/vm-mode.md).
+const CMDLINE: &str = "console=ttyS0 quiet panic=-1 numa=off memhp_default_state=online";
 /// Where the agent keeps bundles (its layout, see vmm/agent/src/containers.rs).
 const GUEST_BUNDLES: &str = "/run/tandem/bundles";
 /// One WaitProcess long poll.
@@ -139,6 +145,12 @@ pub struct VmRecord {
     /// shared dir and the volume binds are under the run dir.
     #[serde(default)]
     pub virtiofsd_pid: u32,
+    /// The VM's vCPUs and memory (MiB) as its VMM reported them after boot and after each
+    /// hot-plug ([`resize`]); 0 before boot.
+    #[serde(default)]
+    pub vcpus: usize,
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// Root of the host's cgroup hierarchies.
@@ -316,6 +328,8 @@ struct Vm {
     cgroup: Option<cgroup::PodCgroup>,
     /// The virtio-fs daemon of the pod's shared dir, started with the first directory volume.
     fs: Mutex<Option<tandem_vmm::qemu::virtiofs::Virtiofsd>>,
+    /// Hot-plug sizing: the containers' asks and the VM's size ([`resize`]).
+    size: Mutex<resize::PodSize>,
 }
 
 impl Vm {
@@ -400,6 +414,19 @@ impl Vm {
             tracing::warn!("remove {}: {e}", self.run_dir.display());
         }
     }
+}
+
+/// The hot-plug sizing of a VM booted as `shape` for `spec`, on this host (its online CPUs and
+/// RAM are the defaults of `[vm] max_vcpus` / `max_memory_mib`).
+fn host_sizing(
+    spec: &Value,
+    shape: &topology::Shape,
+    cfg: &VmSection,
+) -> std::result::Result<topology::Sizing, topology::Error> {
+    let cpus = topology::host_online_cpus(Path::new("/sys"))?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = topology::meminfo_total_mib(&meminfo).unwrap_or(shape.memory.size_mib);
+    Ok(topology::Sizing::new(spec, shape, cfg, cpus, mem))
 }
 
 fn console_tail(run_dir: &Path) -> String {
@@ -769,6 +796,9 @@ pub struct VmPod {
     /// `[userns] mode = "pod"`: the containers run in the pod's user namespace in the guest
     /// (spec::guest_userns); no host ID range is taken.
     userns_pod: bool,
+    /// The pod's sandbox: the first container created in its VM, whose IPC/UTS/PID namespaces
+    /// the others join by path (spec::pod_namespaces).
+    sandbox: Mutex<Option<String>>,
 }
 
 fn not_found_finished() -> Error {
@@ -794,6 +824,7 @@ impl VmPod {
             containers: Arc::new(Mutex::new(HashMap::new())),
             creating: Mutex::new(HashSet::new()),
             userns_pod: config.userns.mode == crate::config::UsernsMode::Pod,
+            sandbox: Mutex::new(None),
         })
     }
 
@@ -849,6 +880,8 @@ impl VmPod {
         }
         let shape = topology::shape(spec, cfg, Path::new("/sys"))
             .map_err(|e| Error::InvalidArgument(format!("VM of pod {pod}: {e}")))?;
+        let sizing = host_sizing(spec, &shape, cfg)
+            .map_err(|e| Error::Other(format!("VM of pod {pod}: {e}")))?;
         let cgroup_rel = cgroup::rel_path(
             spec["linux"]["cgroupsPath"].as_str(),
             &self.ctx.namespace,
@@ -867,6 +900,8 @@ impl VmPod {
             net: None,
             cgroup: Some(cgroup_rel.clone()),
             virtiofsd_pid: 0,
+            vcpus: sizing.boot_vcpus,
+            memory_mib: sizing.boot_memory_mib,
         };
         save_record(&self.ctx.state, &record)
             .map_err(|e| Error::Other(format!("VM record of pod {pod}: {e}")))?;
@@ -887,6 +922,9 @@ impl VmPod {
                 .collect(),
             // a virtio-fs device may be hot-added later (directory volumes, [`volumes`])
             share_memory: true,
+            // vCPUs and memory follow the containers ([`resize`])
+            max_vcpus: sizing.max_vcpus,
+            max_memory_mib: sizing.max_memory_mib,
             ..QemuConfig::new(run_dir.clone())
         };
         let socket = run_dir.join("agent.sock");
@@ -1018,6 +1056,7 @@ impl VmPod {
             net,
             cgroup: cg_slot.lock().expect("cgroup poisoned").take(),
             fs: Mutex::new(None),
+            size: Mutex::new(resize::PodSize::new(sizing)),
         });
         self.watch_vm(&vm);
         *slot = Some(vm.clone());
@@ -1151,6 +1190,12 @@ impl VmPod {
             .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
         spec::guest_userns(&host_spec, &mut guest.spec, self.userns_pod)
             .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        let sandbox = self.pod_sandbox().await;
+        let joined = spec::pod_namespaces(&host_spec, &mut guest.spec, sandbox)
+            .map_err(|e| Error::InvalidArgument(format!("container {id}: {e}")))?;
+        if !joined.is_empty() {
+            tracing::info!(id, ?joined, ?sandbox, "joins the pod sandbox's namespaces");
+        }
         let pod = self
             .record
             .lock()
@@ -1173,12 +1218,23 @@ impl VmPod {
             .filter(|c| c.len() <= ports)
             .unwrap_or_default();
         let vm = self.ensure_vm(&host_spec, &pod, &cold).await?;
+        // the VM grows to the pod's size with this container before it is made (hot-plug)
+        let demand = topology::demand_of(&host_spec["linux"]["resources"]);
+        self.resize(&vm, &id, Some(demand), "create").await?;
         self.update_record(|r| r.containers.push(id.clone()));
         let r = self.make_container(&vm, &opts, guest, plan, early).await;
         match r {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 self.update_record(|r| r.containers.retain(|c| c != &id));
+                if !self
+                    .containers
+                    .lock()
+                    .expect("containers poisoned")
+                    .is_empty()
+                {
+                    let _ = self.resize(&vm, &id, None, "create failed").await;
+                }
                 Err(e)
             }
         }
@@ -1297,6 +1353,7 @@ impl VmPod {
             files,
             dropped,
             dirs,
+            shm,
         } = guest;
         let has_volumes = !dirs.is_empty();
         if has_volumes {
@@ -1323,7 +1380,7 @@ impl VmPod {
         let (v, cid) = (vm.clone(), id.clone());
         let created = blocking(move || {
             v.agent
-                .create_container_with_files(&cid, &gspec, &mounts, &files, stdin)
+                .create_container_with_shared(&cid, &gspec, &mounts, &files, &shm, stdin)
         })
         .await?;
         let guest_pid = match created {
@@ -1356,7 +1413,11 @@ impl VmPod {
         self.containers
             .lock()
             .expect("containers poisoned")
-            .insert(id, ctr);
+            .insert(id.clone(), ctr);
+        self.sandbox
+            .lock()
+            .expect("sandbox poisoned")
+            .get_or_insert(id);
         Ok(vm.pid)
     }
 
@@ -1432,6 +1493,45 @@ impl VmPod {
         let shared = vm.run_dir.join(volumes::SHARED_DIR);
         let cid = id.to_string();
         let _ = blocking(move || volumes::unbind_container(&shared, &cid)).await;
+    }
+
+    /// The pod's sandbox in its VM (for spec::pod_namespaces): QEMU's pid and the guest pid of
+    /// the sandbox container's init, while the VM runs and that init has not exited.
+    async fn pod_sandbox(&self) -> Option<spec::PodSandbox> {
+        let vm = self.vm.lock().await.clone()?;
+        if vm.dead() {
+            return None;
+        }
+        let id = self.sandbox.lock().expect("sandbox poisoned").clone()?;
+        let ctr = self.ctr(&id).ok()?;
+        if ctr.init.exited().is_some() {
+            return None;
+        }
+        let guest_pid = ctr.init.st.lock().expect("proc poisoned").guest_pid;
+        (guest_pid > 0).then_some(spec::PodSandbox {
+            vmm_pid: vm.pid,
+            guest_pid,
+        })
+    }
+
+    /// Sets container `id`'s ask (`None`: gone) and resizes the VM to the pod's target
+    /// ([`resize`]); the record gets the size the VMM reports.
+    async fn resize(
+        &self,
+        vm: &Arc<Vm>,
+        id: &str,
+        demand: Option<topology::Demand>,
+        why: &'static str,
+    ) -> Result<()> {
+        let (v, cid) = (vm.clone(), id.to_string());
+        let r = blocking(move || v.resize_for(&cid, demand, why)).await?;
+        if let Some((vcpus, memory_mib)) = r.size {
+            self.update_record(|rec| {
+                rec.vcpus = vcpus;
+                rec.memory_mib = memory_mib;
+            });
+        }
+        r.result
     }
 
     async fn vm(&self) -> Result<Arc<Vm>> {
@@ -1620,8 +1720,26 @@ impl Pod for VmPod {
             .lock()
             .expect("containers poisoned")
             .remove(id);
+        {
+            let mut sb = self.sandbox.lock().expect("sandbox poisoned");
+            if sb.as_deref() == Some(id) {
+                *sb = None;
+            }
+        }
         self.release(&vm, ctr.images.clone(), ctr.private.clone());
         self.update_record(|r| r.containers.retain(|c| c != id));
+        // its vCPUs go while other containers remain (with the last one the VM goes)
+        if !self
+            .containers
+            .lock()
+            .expect("containers poisoned")
+            .is_empty()
+            && !vm.dead()
+        {
+            if let Err(e) = self.resize(&vm, id, None, "delete").await {
+                tracing::warn!(id, "{e}");
+            }
+        }
         // its image locks go now: the layer cache collector of stop_if_empty may take them
         drop(ctr);
         self.stop_if_empty().await;
@@ -1674,6 +1792,23 @@ impl Pod for VmPod {
         }
         let json = update_json(id, &resources)?;
         let vm = self.vm().await?;
+        // the VM follows the new ask before the guest cgroup gets it (hot-plug)
+        let asked = serde_json::to_value(&resources).unwrap_or_default();
+        let old = vm
+            .size
+            .lock()
+            .expect("size poisoned")
+            .demands
+            .get(id)
+            .copied()
+            .unwrap_or_default();
+        self.resize(
+            &vm,
+            id,
+            Some(topology::updated_demand(old, &asked)),
+            "update",
+        )
+        .await?;
         let cid = id.to_string();
         blocking(move || vm.agent.update_container(&cid, &json))
             .await?
@@ -1819,6 +1954,8 @@ mod tests {
             net: None,
             cgroup: None,
             virtiofsd_pid: 0,
+            vcpus: 1,
+            memory_mib: 512,
         };
         save_record(&state, &r).unwrap();
         let path = record_path(&state, "pod1");

@@ -10,7 +10,10 @@
 //! `ctr run --mount type=bind,src=<file>`) is copied — read here, at most
 //! [`MAX_FILE_BYTES`] each and [`MAX_FILES_TOTAL_BYTES`] in all — sent with CreateContainer, and
 //! bind-mounted in the guest from `<guest bundle>/files/<n>` with the mount's own options (ro/rw);
-//! a directory bound on `/dev/shm` becomes a tmpfs of the host mount's size; other directories
+//! a directory bound on `/dev/shm` becomes the pod's shared tmpfs of the host mount's size
+//! ([`pod_shm`]: one per host source, made by the agent, bound by every container that binds the
+//! same source; a container without an IPC namespace of its own, CRI's `hostIPC`, gets a tmpfs of
+//! its own as before); other directories
 //! (emptyDir, hostPath dirs, image volumes) are served by virtio-fs ([`super::volumes`]: the guest
 //! binds `<guest bundle>/shared/<id>/<n>`, the shim binds the host dir there); special files are
 //! dropped and logged.
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 pub use tandem_agent::client::File as GuestFile;
 use tandem_agent::containers::FILES_DIR;
+pub use tandem_agent::podshare::ShmReq;
 
 /// Largest host file copied into the guest for a bind mount.
 pub const MAX_FILE_BYTES: u64 = tandem_agent::containers::MAX_FILE_BYTES as u64;
@@ -59,6 +63,8 @@ pub struct GuestSpec {
     /// Directory binds served through the pod's shared dir (virtio-fs, [`super::volumes`]); the
     /// guest spec already binds them from the guest's view of it.
     pub dirs: Vec<super::volumes::DirBind>,
+    /// The pod's shared tmpfs mounts the guest spec binds (CreateContainer's `pod_shm`).
+    pub shm: Vec<ShmReq>,
 }
 
 /// Guest cgroup of a container.
@@ -244,35 +250,37 @@ fn shm_tmpfs(m: &Value, host: &Path, mountinfo: &str) -> Value {
     json!({"destination": m["destination"], "type": "tmpfs", "source": "shm", "options": options})
 }
 
-/// The hostname of a container that joins its sandbox's UTS namespace: the content of the file
-/// bound on `/etc/hostname` (CRI writes the pod's hostname there), else `HOSTNAME` of the
-/// process env; only a plausible name (1-64 bytes of `[A-Za-z0-9.-]`).
-fn pod_hostname(guest: &Value, files: &[GuestFile]) -> Option<String> {
-    let ok = |h: &str| {
-        !h.is_empty()
-            && h.len() <= 64
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-    };
-    let from_file = guest["mounts"].as_array().and_then(|ms| {
-        let m = ms
-            .iter()
-            .find(|m| m["destination"] == "/etc/hostname" && m["type"] == "bind")?;
-        let name = m["source"].as_str()?.rsplit('/').next()?;
-        let f = files.iter().find(|f| f.path == name)?;
-        Some(String::from_utf8_lossy(&f.content).trim().to_string())
-    });
-    let from_env = || {
-        guest["process"]["env"].as_array().and_then(|env| {
-            env.iter()
-                .filter_map(Value::as_str)
-                .find_map(|e| e.strip_prefix("HOSTNAME="))
-                .map(str::to_string)
-        })
-    };
-    from_file
-        .filter(|h| ok(h))
-        .or_else(|| from_env().filter(|h| ok(h)))
+/// Name of the pod's shared tmpfs for host shm dir `host` (its canonical path hashed, FNV-1a):
+/// the same host dir gives the same name in every container of the pod.
+pub fn pod_shm_name(host: &Path) -> String {
+    let p = host.canonicalize().unwrap_or_else(|_| host.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("shm-{h:016x}")
+}
+
+/// The guest's `/dev/shm` of a container with an IPC namespace: a bind of the pod's shared tmpfs
+/// for the host dir `host` (the agent makes it, with the host mount's size when that is a tmpfs,
+/// else the kernel's default), with the mount's `ro` if it has one.
+fn pod_shm(m: &Value, host: &Path, mountinfo: &str) -> (Value, ShmReq) {
+    let name = pod_shm_name(host);
+    let mut options: Vec<String> = ["rbind", "nosuid", "noexec", "nodev"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if m["options"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|o| o == "ro"))
+    {
+        options.push("ro".into());
+    }
+    let g = json!({"destination": m["destination"], "type": "bind",
+        "source": tandem_agent::podshare::shm_path(&name), "options": options});
+    let size_bytes = tmpfs_size(host, mountinfo).unwrap_or(0);
+    (g, ShmReq { name, size_bytes })
 }
 
 /// [`guest_spec`], with the bind mounts of host paths turned into what the guest can have (see
@@ -291,8 +299,13 @@ pub fn guest_spec_with_files(
     let mut files: Vec<GuestFile> = Vec::new();
     let mut dropped = Vec::new();
     let mut dirs = Vec::new();
+    let mut shm = Vec::new();
     let mut total = 0u64;
     let mut mountinfo: Option<String> = None;
+    // an IPC namespace (new or the sandbox's): /dev/shm is the pod's; none (hostIPC): its own
+    let own_ipc = spec["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|n| n["type"] == "ipc"));
     if let Some(Value::Array(mounts)) = &mounts {
         for (i, m) in mounts.iter().enumerate() {
             if !is_bind(m) {
@@ -318,7 +331,15 @@ pub fn guest_spec_with_files(
                     let mi = mountinfo.get_or_insert_with(|| {
                         std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
                     });
-                    out.push(shm_tmpfs(m, &host, mi));
+                    if own_ipc {
+                        let (g, q) = pod_shm(m, &host, mi);
+                        out.push(g);
+                        if !shm.iter().any(|s: &ShmReq| s.name == q.name) {
+                            shm.push(q);
+                        }
+                    } else {
+                        out.push(shm_tmpfs(m, &host, mi));
+                    }
                 } else {
                     // served by virtio-fs: the shim binds it at <shared>/<id>/<i> on the host
                     let opts: Vec<&str> = m["options"]
@@ -369,26 +390,16 @@ pub fn guest_spec_with_files(
             });
         }
     }
-    let joins_uts = spec["linux"]["namespaces"].as_array().is_some_and(|a| {
-        a.iter()
-            .any(|n| n["type"] == "uts" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
-    });
     let (mut spec, _) = guest_spec(spec, id);
     if mounts.is_some() {
         spec["mounts"] = Value::Array(out);
-    }
-    if joins_uts && spec["hostname"].as_str().is_none_or(str::is_empty) {
-        // the guest cannot join the sandbox's UTS namespace by host path: the new one gets the
-        // pod's hostname (CRI: the file bound on /etc/hostname, else HOSTNAME in the env)
-        if let Some(h) = pod_hostname(&spec, &files) {
-            spec["hostname"] = Value::String(h);
-        }
     }
     Ok(GuestSpec {
         spec,
         files,
         dropped,
         dirs,
+        shm,
     })
 }
 
@@ -464,6 +475,75 @@ pub fn in_pod_userns(guest: &Value) -> bool {
         a.iter()
             .any(|n| n["type"] == "user" && n["path"] == tandem_agent::userns::POD_USERNS)
     })
+}
+
+/// The pod's sandbox in the guest: the container whose namespaces the others join by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodSandbox {
+    /// The pid the shim reports for every process of the pod (QEMU's): CRI's namespace paths
+    /// of the pod are `/proc/<vmm_pid>/ns/<type>`.
+    pub vmm_pid: u32,
+    /// The guest pid of the sandbox container's init.
+    pub guest_pid: i32,
+}
+
+/// Namespace types a container joins its sandbox's by host path (CRI: IPC and UTS always, PID
+/// with `shareProcessNamespace`).
+pub const POD_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
+
+/// Translate the namespace paths of a pod's container (docs/vm-mode.md, "Pod namespaces"): an
+/// IPC, UTS or PID namespace given by the host path of the pod (`/proc/<QEMU pid>/ns/<type>`,
+/// the pid the shim reported for the sandbox) becomes the guest path of the sandbox's one,
+/// `/proc/<guest pid of its init>/ns/<type>` (the agent checks it names a running container's
+/// init). Any other path of those types cannot be carried into the guest: an error naming it
+/// (`sandbox` is `None` while the pod has no sandbox in its VM: every such path is). Returns the
+/// types joined. `guest` is [`guest_spec`]'s output (paths removed, entries kept in order).
+pub fn pod_namespaces(
+    host: &Value,
+    guest: &mut Value,
+    sandbox: Option<PodSandbox>,
+) -> Result<Vec<&'static str>, String> {
+    let mut joined = Vec::new();
+    let Some(host_ns) = host["linux"]["namespaces"].as_array() else {
+        return Ok(joined);
+    };
+    for t in POD_NAMESPACES {
+        let Some(path) = host_ns
+            .iter()
+            .find(|n| n["type"] == t)
+            .and_then(|n| n["path"].as_str())
+            .filter(|p| !p.is_empty())
+        else {
+            continue;
+        };
+        let guest_path = match sandbox {
+            Some(sb) if path == format!("/proc/{}/ns/{t}", sb.vmm_pid) => {
+                format!("/proc/{}/ns/{t}", sb.guest_pid)
+            }
+            Some(sb) => {
+                return Err(format!(
+                    "linux.namespaces: {t} path {path} is not the pod's (VM mode joins only the \
+                     pod sandbox's namespaces, /proc/{}/ns/{t}; a VM has no other host process's)",
+                    sb.vmm_pid
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "linux.namespaces: {t} path {path}: the pod has no running sandbox container \
+                     in its VM whose namespace this could be (VM mode cannot join a host namespace)"
+                ))
+            }
+        };
+        let ns = guest["linux"]["namespaces"]
+            .as_array_mut()
+            .ok_or("linux.namespaces: missing in the guest spec")?;
+        match ns.iter_mut().find(|n| n["type"] == t) {
+            Some(n) => n["path"] = Value::String(guest_path),
+            None => ns.push(json!({"type": t, "path": guest_path})),
+        }
+        joined.push(t);
+    }
+    Ok(joined)
 }
 
 /// The guest's process spec of an exec.
@@ -641,34 +721,172 @@ mod tests {
         assert!(g.spec.get("mounts").is_none() && g.files.is_empty());
     }
 
-    /// A CRI container joins the sandbox's UTS namespace by host path and has no hostname of
-    /// its own; in the guest its new UTS namespace gets the pod's name.
+    /// CRI's namespaces of a pod's container (containerd 1.6): the sandbox's IPC and UTS by
+    /// path, PID by path with shareProcessNamespace, its own mount namespace, the pod netns. In
+    /// VM mode the pod's path (QEMU's pid, reported for the sandbox) becomes the guest path of
+    /// the sandbox's init; another host pid's path is an error naming it.
     #[test]
-    fn a_container_joining_the_sandbox_uts_gets_the_pod_hostname() {
+    fn pod_namespace_paths_become_the_sandbox_guest_paths() {
+        let sb = PodSandbox {
+            vmm_pid: 4242,
+            guest_pid: 57,
+        };
+        let host = |pid_path: Option<&str>| {
+            let mut ns = vec![
+                json!({"type": "ipc", "path": "/proc/4242/ns/ipc"}),
+                json!({"type": "uts", "path": "/proc/4242/ns/uts"}),
+                json!({"type": "mount"}),
+                json!({"type": "network", "path": "/var/run/netns/cni-1"}),
+            ];
+            ns.insert(
+                0,
+                match pid_path {
+                    Some(p) => json!({"type": "pid", "path": p}),
+                    None => json!({"type": "pid"}),
+                },
+            );
+            json!({"process": {"args": ["sh"]}, "linux": {"namespaces": ns}})
+        };
+        // without shareProcessNamespace: a PID namespace of its own
+        let h = host(None);
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        assert_eq!(
+            pod_namespaces(&h, &mut g, Some(sb)).unwrap(),
+            ["ipc", "uts"]
+        );
+        assert_eq!(
+            g["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc", "path": "/proc/57/ns/ipc"},
+                   {"type": "uts", "path": "/proc/57/ns/uts"}, {"type": "mount"}])
+        );
+        // with it: the sandbox's
+        let h = host(Some("/proc/4242/ns/pid"));
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        assert_eq!(
+            pod_namespaces(&h, &mut g, Some(sb)).unwrap(),
+            ["ipc", "uts", "pid"]
+        );
+        assert_eq!(
+            g["linux"]["namespaces"][0],
+            json!({"type": "pid", "path": "/proc/57/ns/pid"})
+        );
+        // in the pod user namespace: the user namespace stays the pod's, the others translated
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        assert!(guest_userns(&h, &mut g, true).unwrap());
+        pod_namespaces(&h, &mut g, Some(sb)).unwrap();
+        let types: Vec<(String, String)> = g["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["type"].as_str().unwrap().to_string(),
+                    n["path"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        assert!(types.contains(&("user".into(), tandem_agent::userns::POD_USERNS.into())));
+        assert!(types.contains(&("ipc".into(), "/proc/57/ns/ipc".into())));
+        assert!(types.contains(&("pid".into(), "/proc/57/ns/pid".into())));
+        // another host process's namespace (e.g. a pid other than the pod's): refused, named
+        let h = host(Some("/proc/999/ns/pid"));
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        let e = pod_namespaces(&h, &mut g, Some(sb)).unwrap_err();
+        assert!(
+            e.contains("/proc/999/ns/pid")
+                && e.contains("not the pod's")
+                && e.contains("/proc/4242/ns/pid"),
+            "{e}"
+        );
+        let h = json!({"linux": {"namespaces": [{"type": "ipc", "path": "/proc/4242/ns/uts"}]}});
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        assert!(
+            pod_namespaces(&h, &mut g, Some(sb)).is_err(),
+            "type mismatch"
+        );
+        // no sandbox in the VM yet (the pod's first container): no path can be the pod's
+        let h = host(None);
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        let e = pod_namespaces(&h, &mut g, None).unwrap_err();
+        assert!(
+            e.contains("/proc/4242/ns/ipc") && e.contains("no running sandbox"),
+            "{e}"
+        );
+        // new namespaces only (the sandbox, ctr run): unchanged
+        let h = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}});
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        let before = g.clone();
+        assert!(pod_namespaces(&h, &mut g, None).unwrap().is_empty());
+        assert_eq!(g, before);
+        // a path of another type (mount, cgroup) keeps today's behaviour: a new one
+        let h =
+            json!({"linux": {"namespaces": [{"type": "cgroup", "path": "/proc/999/ns/cgroup"}]}});
+        let (mut g, _) = guest_spec(h.clone(), "c1");
+        assert!(pod_namespaces(&h, &mut g, Some(sb)).unwrap().is_empty());
+        assert_eq!(g["linux"]["namespaces"], json!([{"type": "cgroup"}]));
+    }
+
+    /// CRI binds the sandbox's shm dir on /dev/shm of every container: with an IPC namespace
+    /// (new or the sandbox's) it is the pod's shared tmpfs, named after the host dir, sized as
+    /// the host tmpfs; without one (hostIPC) a tmpfs of the container's own as before.
+    #[test]
+    fn shm_dir_becomes_the_pod_shared_tmpfs_unless_host_ipc() {
         let t = tempfile::tempdir().unwrap();
-        std::fs::write(t.path().join("hostname"), "pod-a\n").unwrap();
-        let spec = |mounts: Value, env: Value, uts_path: &str| {
+        let shm = t.path().join("sandboxes/abc/shm");
+        std::fs::create_dir_all(&shm).unwrap();
+        let spec = |ns: Value, opts: Value| {
             json!({
-                "process": {"args": ["sh"], "env": env},
-                "mounts": mounts,
-                "linux": {"namespaces": [{"type": "uts", "path": uts_path}]}
+                "process": {"args": ["sh"]},
+                "mounts": [{"destination": "/dev/shm", "type": "bind", "source": shm, "options": opts}],
+                "linux": {"namespaces": ns}
             })
         };
-        let hostname_bind = json!([{"destination": "/etc/hostname", "type": "bind",
-            "source": t.path().join("hostname"), "options": ["rbind", "ro"]}]);
-        let env = json!(["PATH=/bin", "HOSTNAME=from-env"]);
-        let g = |s: Value| guest_spec_with_files(s, "c1", t.path(), "/b").unwrap().spec;
-        let s1 = g(spec(hostname_bind.clone(), env.clone(), "/proc/42/ns/uts"));
-        assert_eq!(s1["hostname"], "pod-a");
-        assert_eq!(s1["linux"]["namespaces"], json!([{"type": "uts"}]));
+        let g = |s: Value| guest_spec_with_files(s, "c1", t.path(), "/b").unwrap();
+        let name = pod_shm_name(&shm);
+        assert!(name.starts_with("shm-") && name.len() == 20, "{name}");
         assert_eq!(
-            g(spec(json!([]), env.clone(), "/proc/42/ns/uts"))["hostname"],
-            "from-env"
+            name,
+            pod_shm_name(&t.path().join("sandboxes/abc/../abc/shm"))
         );
-        // a new UTS namespace of its own (the sandbox): its spec's hostname, nothing added
-        assert!(g(spec(hostname_bind, env, ""))["hostname"].is_null());
-        let bad = json!(["HOSTNAME=bad name;"]);
-        assert!(g(spec(json!([]), bad, "/proc/42/ns/uts"))["hostname"].is_null());
+        assert_ne!(name, pod_shm_name(t.path()));
+        let src = format!("{}/{name}", tandem_agent::podshare::POD_SHM_DIR);
+        let sandbox = g(spec(json!([{"type": "ipc"}]), json!(["rbind", "rw"])));
+        let app = g(spec(
+            json!([{"type": "ipc", "path": "/proc/4242/ns/ipc"}]),
+            json!(["rbind", "ro"]),
+        ));
+        assert_eq!(
+            sandbox.spec["mounts"],
+            json!([{"destination": "/dev/shm", "type": "bind", "source": src,
+                    "options": ["rbind", "nosuid", "noexec", "nodev"]}])
+        );
+        assert_eq!(app.spec["mounts"][0]["source"], src);
+        assert_eq!(app.spec["mounts"][0]["options"][4], "ro");
+        // a plain directory on the host: the kernel's default size
+        assert_eq!(
+            sandbox.shm,
+            vec![ShmReq {
+                name: name.clone(),
+                size_bytes: 0
+            }]
+        );
+        assert_eq!(app.shm, sandbox.shm);
+        // the host's /dev/shm (a tmpfs): its size
+        let m = json!({"destination": "/dev/shm", "source": "/dev/shm"});
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let st = nix::sys::statvfs::statvfs("/dev/shm").unwrap();
+        let (_, q) = pod_shm(&m, Path::new("/dev/shm"), &mi);
+        assert_eq!(q.size_bytes, st.blocks() * st.fragment_size());
+        // hostIPC: no IPC namespace, its own tmpfs, nothing shared
+        let host_ipc = g(spec(json!([{"type": "mount"}]), json!(["rbind"])));
+        assert_eq!(host_ipc.spec["mounts"][0]["type"], "tmpfs");
+        assert!(host_ipc.shm.is_empty());
+        // ctr run: /dev/shm is a tmpfs mount already, left as it is
+        let ctr = json!({"mounts": [{"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+            "options": ["nosuid"]}], "linux": {"namespaces": [{"type": "ipc"}]}});
+        let gc = g(ctr.clone());
+        assert_eq!(gc.spec["mounts"], ctr["mounts"]);
+        assert!(gc.shm.is_empty());
     }
 
     #[test]

@@ -170,6 +170,190 @@ pub fn shape(spec: &Value, cfg: &VmSection, sys: &Path) -> Result<Shape, Error> 
     })
 }
 
+/// What one container asks of the pod's VM (Kata's hot-plug model): vCPUs =
+/// ceil(quota/period) of its CPU limit, memory = its memory limit in MiB (rounded up); 0
+/// without a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Demand {
+    pub vcpus: usize,
+    pub memory_mib: u64,
+}
+
+fn cpu_demand(cpu: &Value) -> usize {
+    let period = cpu["period"].as_u64().filter(|p| *p > 0).unwrap_or(100_000);
+    match cpu["quota"].as_i64() {
+        Some(q) if q > 0 => (q as u64).div_ceil(period) as usize,
+        _ => 0,
+    }
+}
+
+fn memory_demand(memory: &Value) -> u64 {
+    match memory["limit"].as_i64() {
+        Some(l) if l > 0 => mib_ceil(l as u64),
+        _ => 0,
+    }
+}
+
+/// The demand of a container from its `linux.resources` (OCI JSON).
+pub fn demand_of(resources: &Value) -> Demand {
+    Demand {
+        vcpus: cpu_demand(&resources["cpu"]),
+        memory_mib: memory_demand(&resources["memory"]),
+    }
+}
+
+/// The demand after an update (`ctr task update`, CRI UpdateContainerResources) whose
+/// resources are `update`: a field the update sets replaces the old ask (a quota or limit of
+/// 0/-1 removes it), a field it leaves out keeps it.
+pub fn updated_demand(old: Demand, update: &Value) -> Demand {
+    let cpu = &update["cpu"];
+    let vcpus = if cpu.get("quota").is_some_and(|q| !q.is_null()) {
+        cpu_demand(cpu)
+    } else {
+        old.vcpus
+    };
+    let mem = &update["memory"];
+    let memory_mib = if mem.get("limit").is_some_and(|l| !l.is_null()) {
+        memory_demand(mem)
+    } else {
+        old.memory_mib
+    };
+    Demand { vcpus, memory_mib }
+}
+
+/// How a pod's VM is sized after boot: `base` is what the VM booted with beyond the first
+/// container's own demand (the `[vm]` defaults for a CRI sandbox, which asks for nothing; 0
+/// vCPUs when `ctr run`'s container sized the VM from its quota), and the target for the
+/// containers' demands is `base + Σ demands`, never below the boot size (boot vCPUs are not
+/// unplugged, memory is never shrunk), at most the maxima.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sizing {
+    pub boot_vcpus: usize,
+    pub base_vcpus: usize,
+    /// Most vCPUs: `[vm] max_vcpus` (0: the host's online CPUs), at most the cpuset's size for
+    /// a pinned pod, at least the boot count.
+    pub max_vcpus: usize,
+    /// The pod's cpuset when its vCPUs are pinned: vCPU `i` runs on `pins[i % len]`.
+    pub pins: Vec<usize>,
+    pub boot_memory_mib: u64,
+    pub base_memory_mib: u64,
+    /// Most memory: `[vm] max_memory_mib` (0: the host's RAM), at least the boot size.
+    pub max_memory_mib: u64,
+}
+
+/// The VM size a set of demands asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// One entry per vCPU, with its pin.
+    pub vcpus: Vec<VcpuConfig>,
+    pub memory_mib: u64,
+    /// What was asked beyond the maxima (logged by the caller), e.g. "5 vCPUs capped at 2".
+    pub capped: Vec<String>,
+}
+
+/// The host's online CPU count, from `<sys>/devices/system/cpu/online`.
+pub fn host_online_cpus(sys: &Path) -> Result<usize, Error> {
+    let p = sys.join("devices/system/cpu/online");
+    let field = p.display().to_string();
+    let text = std::fs::read_to_string(&p).map_err(|e| err(&field, e.to_string()))?;
+    Ok(parse_cpulist(&field, &text)?.len().max(1))
+}
+
+/// MemTotal of a `/proc/meminfo` text, in MiB.
+pub fn meminfo_total_mib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+}
+
+impl Sizing {
+    /// The sizing of a VM booted as `shape` for the first container's `spec`, on a host with
+    /// `host_cpus` online CPUs and `host_memory_mib` of RAM.
+    pub fn new(
+        spec: &Value,
+        shape: &Shape,
+        cfg: &VmSection,
+        host_cpus: usize,
+        host_memory_mib: u64,
+    ) -> Sizing {
+        let first = demand_of(&spec["linux"]["resources"]);
+        let boot_vcpus = shape.vcpus.len();
+        let pinned = shape.vcpus.first().is_some_and(|v| v.host_cpu.is_some());
+        let pins = if pinned {
+            spec["linux"]["resources"]["cpu"]["cpus"]
+                .as_str()
+                .and_then(|s| parse_cpulist("linux.resources.cpu.cpus", s).ok())
+                .unwrap_or_default()
+        } else {
+            vec![]
+        };
+        let mut max_vcpus = match cfg.max_vcpus {
+            0 => host_cpus,
+            n => n as usize,
+        }
+        .min(tandem_vmm::config::MAX_VCPUS);
+        if !pins.is_empty() {
+            max_vcpus = max_vcpus.min(pins.len());
+        }
+        let boot_memory_mib = shape.memory.size_mib;
+        let max_memory_mib = match cfg.max_memory_mib {
+            0 => host_memory_mib,
+            n => n,
+        };
+        Sizing {
+            boot_vcpus,
+            base_vcpus: boot_vcpus.saturating_sub(first.vcpus),
+            max_vcpus: max_vcpus.max(boot_vcpus),
+            pins,
+            boot_memory_mib,
+            base_memory_mib: boot_memory_mib.saturating_sub(first.memory_mib),
+            max_memory_mib: max_memory_mib.max(boot_memory_mib),
+        }
+    }
+
+    /// The size the VM should have for `demands` (every container of the pod).
+    pub fn target(&self, demands: impl IntoIterator<Item = Demand>) -> Target {
+        let (mut cpus, mut mem) = (self.base_vcpus, self.base_memory_mib);
+        for d in demands {
+            cpus = cpus.saturating_add(d.vcpus);
+            mem = mem.saturating_add(d.memory_mib);
+        }
+        let cpus = cpus.max(self.boot_vcpus);
+        let mem = mem.max(self.boot_memory_mib);
+        let mut capped = Vec::new();
+        if cpus > self.max_vcpus {
+            capped.push(format!(
+                "{cpus} vCPUs capped at {} ([vm] max_vcpus{})",
+                self.max_vcpus,
+                if self.pins.is_empty() {
+                    ""
+                } else {
+                    " or the pod's cpuset"
+                }
+            ));
+        }
+        if mem > self.max_memory_mib {
+            capped.push(format!(
+                "{mem} MiB capped at {} MiB ([vm] max_memory_mib)",
+                self.max_memory_mib
+            ));
+        }
+        let n = cpus.min(self.max_vcpus);
+        let vcpus = (0..n)
+            .map(|i| VcpuConfig {
+                host_cpu: (!self.pins.is_empty()).then(|| self.pins[i % self.pins.len()]),
+            })
+            .collect();
+        Target {
+            vcpus,
+            memory_mib: mem.min(self.max_memory_mib),
+            capped,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,5 +473,145 @@ mod tests {
             "hugepageLimits": [{"pageSize": "64KB", "limit": 1 << 20}]}}});
         let e = shape(&spec, &cfg(), sys.path()).unwrap_err().to_string();
         assert!(e.contains("hugepageLimits") && e.contains("64KB"), "{e}");
+    }
+
+    fn d(vcpus: usize, memory_mib: u64) -> Demand {
+        Demand { vcpus, memory_mib }
+    }
+
+    #[test]
+    fn demands_from_resources_and_updates() {
+        let r =
+            json!({"cpu": {"quota": 200000, "period": 100000}, "memory": {"limit": 768u64 << 20}});
+        assert_eq!(demand_of(&r), d(2, 768));
+        assert_eq!(demand_of(&json!({"cpu": {"quota": 150000}})), d(2, 0));
+        assert_eq!(
+            demand_of(&json!({"cpu": {"quota": -1}, "memory": {"limit": -1}})),
+            d(0, 0)
+        );
+        assert_eq!(demand_of(&json!({"memory": {"limit": 1}})), d(0, 1));
+        // an update replaces what it names, keeps the rest
+        let old = d(2, 768);
+        assert_eq!(
+            updated_demand(old, &json!({"cpu": {"quota": 300000, "period": 100000}})),
+            d(3, 768)
+        );
+        assert_eq!(
+            updated_demand(old, &json!({"memory": {"limit": 1u64 << 30}})),
+            d(2, 1024)
+        );
+        assert_eq!(updated_demand(old, &json!({"cpu": {"shares": 512}})), old);
+        assert_eq!(
+            updated_demand(old, &json!({"cpu": {"quota": 0}})),
+            d(0, 768)
+        );
+        assert_eq!(updated_demand(old, &json!({})), old);
+    }
+
+    #[test]
+    fn cri_sandbox_then_containers_kata_sizing() {
+        let sys = fake_sys(&["0-7"]);
+        let cfg = VmSection {
+            max_vcpus: 4,
+            ..cfg()
+        };
+        // the pause sandbox asks for nothing: boot with the defaults
+        let sandbox = json!({"linux": {"resources": {"cpu": {"shares": 2}}}});
+        let shape = shape(&sandbox, &cfg, sys.path()).unwrap();
+        let s = Sizing::new(&sandbox, &shape, &cfg, 8, 24000);
+        assert_eq!((s.boot_vcpus, s.base_vcpus, s.max_vcpus), (1, 1, 4));
+        assert_eq!(
+            (s.boot_memory_mib, s.base_memory_mib, s.max_memory_mib),
+            (512, 512, 24000)
+        );
+        assert!(s.pins.is_empty());
+        assert_eq!(s.target([d(0, 0)]).vcpus.len(), 1);
+        // a container with cpu 2 / 768 MiB: 1 + 2 vCPUs, 512 + 768 MiB
+        let t = s.target([d(0, 0), d(2, 768)]);
+        assert_eq!(t.vcpus.len(), 3);
+        assert!(t.vcpus.iter().all(|v| v.host_cpu.is_none()));
+        assert_eq!(t.memory_mib, 1280);
+        assert!(t.capped.is_empty());
+        // above the maxima: capped, and said so
+        let t = s.target([d(0, 0), d(2, 768), d(3, 30000)]);
+        assert_eq!(t.vcpus.len(), 4);
+        assert_eq!(t.memory_mib, 24000);
+        assert_eq!(t.capped.len(), 2, "{:?}", t.capped);
+        assert!(
+            t.capped[0].contains("6 vCPUs capped at 4"),
+            "{:?}",
+            t.capped
+        );
+        assert!(t.capped[1].contains("max_memory_mib"), "{:?}", t.capped);
+        // the container gone: back to the boot size (memory is never below it)
+        let t = s.target([d(0, 0)]);
+        assert_eq!((t.vcpus.len(), t.memory_mib), (1, 512));
+        // max 0 = the host's CPUs
+        let s = Sizing::new(&sandbox, &shape, &VmSection::default(), 2, 24000);
+        assert_eq!(s.max_vcpus, 2);
+        assert_eq!(s.target([d(2, 0)]).vcpus.len(), 2);
+    }
+
+    #[test]
+    fn ctr_run_container_sized_the_boot_so_no_hot_plug_until_it_asks_more() {
+        let sys = fake_sys(&["0-7"]);
+        let spec = json!({"linux": {"resources": {"cpu": {"quota": 200000, "period": 100000},
+                                                   "memory": {"limit": 300u64 << 20}}}});
+        let shape = shape(&spec, &cfg(), sys.path()).unwrap();
+        let s = Sizing::new(&spec, &shape, &cfg(), 8, 4096);
+        assert_eq!((s.boot_vcpus, s.base_vcpus), (2, 0));
+        assert_eq!((s.boot_memory_mib, s.base_memory_mib), (428, 128));
+        let first = demand_of(&spec["linux"]["resources"]);
+        let t = s.target([first]);
+        assert_eq!(
+            (t.vcpus.len(), t.memory_mib),
+            (2, 428),
+            "the boot size: nothing to do"
+        );
+        // ctr task update --cpu-quota 400000: 4 vCPUs
+        let t = s.target([updated_demand(first, &json!({"cpu": {"quota": 400000}}))]);
+        assert_eq!(t.vcpus.len(), 4);
+        // a smaller quota never goes below the boot vCPUs
+        let t = s.target([d(1, 0)]);
+        assert_eq!(t.vcpus.len(), 2);
+    }
+
+    #[test]
+    fn pinned_pod_grows_on_its_cpuset_only() {
+        let sys = fake_sys(&["0-3", "4-7"]);
+        let spec = json!({"linux": {"resources": {"cpu": {"cpus": "2-3,6", "quota": 100000, "period": 100000}}}});
+        let shape = shape(&spec, &cfg(), sys.path()).unwrap();
+        let s = Sizing::new(&spec, &shape, &cfg(), 8, 4096);
+        assert_eq!(s.pins, vec![2, 3, 6]);
+        assert_eq!((s.boot_vcpus, s.max_vcpus), (1, 3));
+        let t = s.target([d(2, 0)]);
+        assert_eq!(
+            t.vcpus,
+            vec![
+                VcpuConfig { host_cpu: Some(2) },
+                VcpuConfig { host_cpu: Some(3) }
+            ],
+            "vCPU i on the cpuset's i-th CPU, as at boot"
+        );
+        let t = s.target([d(5, 0)]);
+        assert_eq!(t.vcpus.len(), 3);
+        assert!(t.capped[0].contains("cpuset"), "{:?}", t.capped);
+    }
+
+    #[test]
+    fn host_figures() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("devices/system/cpu")).unwrap();
+        std::fs::write(d.path().join("devices/system/cpu/online"), "0-1,4\n").unwrap();
+        assert_eq!(host_online_cpus(d.path()).unwrap(), 3);
+        let e = host_online_cpus(Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/devices/system/cpu/online"), "{e}");
+        assert_eq!(
+            meminfo_total_mib("MemTotal:       24576000 kB\n"),
+            Some(24000)
+        );
+        assert_eq!(meminfo_total_mib("x"), None);
     }
 }
