@@ -105,6 +105,22 @@ impl Cri {
         Ok(resp.into_inner())
     }
 
+    /// Waits until the CRI plugin answers: containerd serves its socket before the plugin has
+    /// recovered its pods and containers (after a restart), and until then every CRI call fails
+    /// with "server is not initialized yet"; kubelet retries the same way.
+    pub fn wait_initialized(&mut self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.list_pods() {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(e.context("the CRI plugin not initialized within 30 s"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     pub fn version(&mut self) -> Result<VersionResponse> {
         self.call("Version", |c| {
             Box::pin(c.version(VersionRequest {
@@ -515,7 +531,8 @@ impl CriEnv {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
-        let cri = Cri::connect(&containerd.socket)?;
+        let mut cri = Cri::connect(&containerd.socket)?;
+        cri.wait_initialized()?;
         Ok(Self {
             cri,
             containerd,
@@ -533,7 +550,7 @@ impl CriEnv {
         let parents = std::mem::take(&mut self.cri.cgroup_parents);
         self.cri = Cri::connect(&self.containerd.socket)?;
         self.cri.cgroup_parents = parents;
-        Ok(())
+        self.cri.wait_initialized()
     }
 }
 
