@@ -466,9 +466,11 @@ pub fn start(path: &std::path::Path, service: Service) -> crate::Result<ttrpc::S
             msg: format!("ttrpc bind: {e}"),
         })?
         .register_service(methods)
-        // WaitProcess and ReadStdout/ReadStderr block a worker each: allow many.
+        // WaitProcess and ReadStdout/ReadStderr block a worker each: allow many, and keep two idle
+        // (a worker that leaves fewer than `min` idle starts `default` - idle more); start with
+        // three, not more: under TCG every thread a session starts costs the first call time.
         .set_thread_count_min(2)
-        .set_thread_count_default(8)
+        .set_thread_count_default(3)
         .set_thread_count_max(256);
     server.start().map_err(|e| crate::Error::Port {
         name: path.display().to_string(),

@@ -42,8 +42,10 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// Arguments (without the binary) that start `vm` stopped (`-S`) on `accel` (Kvm or Tcg), with
-/// QMP on `<run_dir>/qmp.sock` and `hotplug_ports` free PCIe root ports `hp0..` for hot-add.
+/// Arguments (without the binary) that start `vm` on `accel` (Kvm or Tcg), with QMP on
+/// `<run_dir>/qmp.sock` and `hotplug_ports` free PCIe root ports `hp0..` for hot-add. A VM with a
+/// pinned vCPU starts stopped (`-S`: [`starts_stopped`]) so that no guest instruction runs before
+/// its threads are pinned; one without runs its firmware while the caller connects to QMP.
 pub fn command_line(
     vm: &VmConfig,
     accel: Accel,
@@ -79,13 +81,10 @@ pub fn command_line(
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-S",
-    ]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if starts_stopped(vm) {
+        push(&["-S"]);
+    }
     let qmp = run_dir.join(QMP_SOCKET);
     let qmp_s = utf8("run_dir", &qmp)?;
     if qmp_s.len() > 107 {
@@ -219,6 +218,12 @@ pub fn command_line(
         push(&["-device", &format!("vhost-vsock-pci,guest-cid={}", v.cid)]);
     }
     Ok(a)
+}
+
+/// Whether [`command_line`] starts `vm` stopped (`-S`, resumed by QMP `cont`): only when a vCPU
+/// is pinned to a host CPU.
+pub fn starts_stopped(vm: &VmConfig) -> bool {
+    vm.vcpus.iter().any(|v| v.host_cpu.is_some())
 }
 
 /// Id of the `index`-th disk attached at start by [`cold_disk_args`]: its block node, its
@@ -414,6 +419,19 @@ mod tests {
         let e = command_line(&c, Accel::Tcg, Path::new("/r"), 0).unwrap_err();
         assert!(e.to_string().contains("nics[0]"), "{e}");
         assert!(command_line(&vm(), Accel::Auto, Path::new("/r"), 0).is_err());
+    }
+
+    #[test]
+    fn only_a_vm_with_a_pinned_vcpu_starts_stopped() {
+        let pinned = vm();
+        assert!(starts_stopped(&pinned));
+        let mut free = vm();
+        for v in &mut free.vcpus {
+            v.host_cpu = None;
+        }
+        assert!(!starts_stopped(&free));
+        let a = command_line(&free, Accel::Tcg, Path::new("/r"), 0).unwrap();
+        assert!(!a.iter().any(|x| x == "-S"), "{a:?}");
     }
 
     #[test]

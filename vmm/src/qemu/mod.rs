@@ -548,7 +548,9 @@ impl QemuVm {
                 })?;
             }
         }
-        self.qmp()?.execute("cont", None)?;
+        if cmdline::starts_stopped(vm) {
+            self.qmp()?.execute("cont", None)?;
+        }
         Ok(())
     }
 
