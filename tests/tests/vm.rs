@@ -2714,3 +2714,61 @@ fn cri_vm_pod_keeps_running_across_a_containerd_restart() {
         shims().is_empty()
     });
 }
+
+/// A container of a VM pod killed by the guest's OOM killer (its memory limit is its cgroup's
+/// in the guest) ends as kubelet expects: exit code 137 and the reason `OOMKilled` (the shim's
+/// TaskOOM event, from the guest cgroup's OOM kill count); a container that dies of SIGKILL
+/// without an OOM kill has the same exit code and the reason `Error`.
+#[test]
+fn cri_vm_container_killed_by_the_guest_oom_killer_is_oomkilled() {
+    use tandem_tests::cri::ContainerSpec;
+    let _slot = vm_slot();
+    let (mut env, _cache) = cri_vm_env("");
+    let spec = vm_pod_spec(&env, "vmoom");
+    let (pod_id, pod_cfg) = env.cri.run_pod(&spec).expect("RunPodSandbox");
+    let run = |env: &mut tandem_tests::cri::CriEnv, name: &str, limit: i64, script: &str| {
+        let cid = env
+            .cri
+            .create_container(
+                &pod_id,
+                &pod_cfg,
+                &ContainerSpec {
+                    name: name.into(),
+                    image: BUSYBOX.into(),
+                    command: ["sh", "-c", script].iter().map(|s| s.to_string()).collect(),
+                    memory_limit: limit,
+                    ..Default::default()
+                },
+            )
+            .expect("CreateContainer");
+        env.cri.start_container(&cid).expect("StartContainer");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let cs = env.cri.container_status(&cid).expect("ContainerStatus");
+            if cs.state == 2 {
+                break cs;
+            }
+            assert!(Instant::now() < deadline, "{name} still running: {cs:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // busybox tail keeps a line without a newline whole: 64 MiB against a 32 MiB limit
+    let cs = run(
+        &mut env,
+        "hog",
+        32 << 20,
+        "head -c 67108864 /dev/zero | tail",
+    );
+    assert_eq!(
+        (cs.exit_code, cs.reason.as_str()),
+        (137, "OOMKilled"),
+        "{cs:?}"
+    );
+    // (pid 1 of its PID namespace ignores its own SIGKILL: a child shell kills itself; not the
+    // last command, or busybox sh would exec it as pid 1)
+    let cs = run(&mut env, "killed", 0, "sh -c 'kill -9 $$'; exit $?");
+    assert_eq!((cs.exit_code, cs.reason.as_str()), (137, "Error"), "{cs:?}");
+    let qemu = qemus_of(&pod_id)[0].0;
+    env.cri.teardown_pod(&pod_id).expect("teardown");
+    wait_no_qemu(qemu, Duration::from_secs(20));
+}

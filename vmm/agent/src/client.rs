@@ -376,6 +376,9 @@ pub struct ContainerStats {
     pub memory_usage_bytes: u64,
     pub memory_limit_bytes: u64,
     pub pids_current: u64,
+    /// OOM kills in the container's guest cgroup (the guest's word: only ever an event about
+    /// its own pod).
+    pub oom_kills: u64,
 }
 
 /// Most CPUs a guest reply may name (QEMU's x86 limit is far below).
@@ -680,6 +683,7 @@ impl AgentClient {
             memory_usage_bytes: r.memory_usage_bytes,
             memory_limit_bytes: r.memory_limit_bytes,
             pids_current: r.pids_current,
+            oom_kills: r.oom_kills,
         })
     }
 

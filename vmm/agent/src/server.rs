@@ -314,6 +314,7 @@ impl Agent for Service {
             memory_limit_bytes: s.memory.limit_bytes,
             pids_current: s.pids.current,
             pids_limit: s.pids.limit,
+            oom_kills: s.memory.oom_kills,
             ..Default::default()
         })
     }

@@ -45,7 +45,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    CreateOpts, Error, ExecOpts, ExitInfo, PidInfo, Pod, PodContext, ProcessState, Result, Status,
+    CreateOpts, Error, ExecOpts, ExitInfo, PidInfo, Pod, PodContext, PodEvent, ProcessState,
+    Result, Status,
 };
 use crate::config::{Accel, Config, Hypervisor as HvKind, VmSection};
 use crate::io::StdioPaths;
@@ -330,6 +331,10 @@ struct Vm {
     fs: Mutex<Option<tandem_vmm::qemu::virtiofs::Virtiofsd>>,
     /// Hot-plug sizing: the containers' asks and the VM's size ([`resize`]).
     size: Mutex<resize::PodSize>,
+    /// Where TaskOOM goes ([`report_oom`]).
+    events: tokio::sync::mpsc::UnboundedSender<PodEvent>,
+    /// Per container: the guest's OOM kill count already reported.
+    ooms: Mutex<HashMap<String, u64>>,
 }
 
 impl Vm {
@@ -575,6 +580,30 @@ fn pump_output(vm: Arc<Vm>, p: Arc<Proc>, stderr: bool, done: std_mpsc::Sender<(
     let _ = done.send(());
 }
 
+/// After a process of container `ctr` exited: a TaskOOM event (before its TaskExit) when the
+/// container's guest cgroup counts more OOM kills than already reported, as runc's shim sends
+/// one for every OOM kill in a container's cgroup; CRI then gives the container the reason
+/// `OOMKilled`. The count is the guest's word; a lying guest can only mislabel its own pod's
+/// containers.
+fn report_oom(vm: &Vm, ctr: &str) {
+    let kills = match vm.agent.stats(ctr) {
+        Ok(s) => s.oom_kills,
+        Err(e) => {
+            tracing::debug!(id = ctr, "stats after exit: {e}");
+            return;
+        }
+    };
+    let mut seen = vm.ooms.lock().expect("ooms poisoned");
+    let before = seen.entry(ctr.to_string()).or_insert(0);
+    if kills > *before {
+        *before = kills;
+        tracing::info!(id = ctr, kills, "OOM kill in the guest");
+        let _ = vm.events.send(PodEvent::Oom {
+            id: ctr.to_string(),
+        });
+    }
+}
+
 /// Wait for the guest process to exit, let its output drain, record the exit.
 fn wait_exit(vm: Arc<Vm>, p: Arc<Proc>, outputs: std_mpsc::Receiver<()>, n_outputs: usize) {
     let mut errors = 0;
@@ -583,7 +612,10 @@ fn wait_exit(vm: Arc<Vm>, p: Arc<Proc>, outputs: std_mpsc::Receiver<()>, n_outpu
             return;
         }
         match vm.agent.wait_process(&p.ctr, p.eid(), WAIT_POLL) {
-            Ok(e) => break e.status as u32,
+            Ok(e) => {
+                report_oom(&vm, &p.ctr);
+                break e.status as u32;
+            }
             Err(e) if is_timeout(&e) && !vm.dead() => {}
             Err(e) => {
                 if vm.dead() {
@@ -1057,6 +1089,8 @@ impl VmPod {
             cgroup: cg_slot.lock().expect("cgroup poisoned").take(),
             fs: Mutex::new(None),
             size: Mutex::new(resize::PodSize::new(sizing)),
+            events: self.ctx.events.clone(),
+            ooms: Mutex::new(HashMap::new()),
         });
         self.watch_vm(&vm);
         *slot = Some(vm.clone());
@@ -1687,6 +1721,7 @@ impl Pod for VmPod {
                 "container {id}: cannot delete a running container"
             )));
         }
+        vm.ooms.lock().expect("ooms poisoned").remove(id);
         if !vm.dead() {
             let (v, cid) = (vm.clone(), id.to_string());
             let r = blocking(move || v.agent.remove_container(&cid)).await?;
@@ -1780,6 +1815,7 @@ impl Pod for VmPod {
         out.memory.usage_bytes = s.memory_usage_bytes;
         out.memory.limit_bytes = s.memory_limit_bytes;
         out.pids.current = s.pids_current;
+        out.memory.oom_kills = s.oom_kills;
         Ok(out)
     }
 
