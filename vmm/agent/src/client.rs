@@ -367,6 +367,8 @@ pub struct ProcessExit {
     /// The code, or 128 + signal.
     pub status: i32,
     pub exited_at_unix_ns: i64,
+    /// OOM kills in the container's guest cgroup when it exited (the guest's word).
+    pub oom_kills: u64,
 }
 
 /// Container usage from Stats.
@@ -581,6 +583,7 @@ impl AgentClient {
         Ok(ProcessExit {
             status: r.exit_status,
             exited_at_unix_ns: r.exited_at_unix_ns,
+            oom_kills: r.oom_kills,
         })
     }
 

@@ -237,9 +237,15 @@ impl Agent for Service {
             .containers
             .wait(&req.container_id, &req.exec_id, timeout.min(MAX_WAIT))
             .map_err(rpc)?;
+        // the count the shim turns into TaskOOM before this exit (0 if it cannot be read)
+        let oom_kills = self
+            .containers
+            .with("WaitProcess", &req.container_id, |c| c.oom_kills())
+            .unwrap_or(0);
         Ok(proto::WaitProcessResponse {
             exit_status: status,
             exited_at_unix_ns: at,
+            oom_kills,
             ..Default::default()
         })
     }

@@ -580,19 +580,12 @@ fn pump_output(vm: Arc<Vm>, p: Arc<Proc>, stderr: bool, done: std_mpsc::Sender<(
     let _ = done.send(());
 }
 
-/// After a process of container `ctr` exited: a TaskOOM event (before its TaskExit) when the
-/// container's guest cgroup counts more OOM kills than already reported, as runc's shim sends
-/// one for every OOM kill in a container's cgroup; CRI then gives the container the reason
-/// `OOMKilled`. The count is the guest's word; a lying guest can only mislabel its own pod's
-/// containers.
-fn report_oom(vm: &Vm, ctr: &str) {
-    let kills = match vm.agent.stats(ctr) {
-        Ok(s) => s.oom_kills,
-        Err(e) => {
-            tracing::debug!(id = ctr, "stats after exit: {e}");
-            return;
-        }
-    };
+/// After a process of container `ctr` exited with the container's guest cgroup at `kills` OOM
+/// kills (WaitProcess's answer): a TaskOOM event (before its TaskExit) when that is more than
+/// already reported, as runc's shim sends one for every OOM kill in a container's cgroup; CRI
+/// then gives the container the reason `OOMKilled`. The count is the guest's word; a lying
+/// guest can only mislabel its own pod's containers.
+fn report_oom(vm: &Vm, ctr: &str, kills: u64) {
     let mut seen = vm.ooms.lock().expect("ooms poisoned");
     let before = seen.entry(ctr.to_string()).or_insert(0);
     if kills > *before {
@@ -613,7 +606,7 @@ fn wait_exit(vm: Arc<Vm>, p: Arc<Proc>, outputs: std_mpsc::Receiver<()>, n_outpu
         }
         match vm.agent.wait_process(&p.ctr, p.eid(), WAIT_POLL) {
             Ok(e) => {
-                report_oom(&vm, &p.ctr);
+                report_oom(&vm, &p.ctr, e.oom_kills);
                 break e.status as u32;
             }
             Err(e) if is_timeout(&e) && !vm.dead() => {}
